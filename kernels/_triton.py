@@ -1,0 +1,91 @@
+"""Optional Triton import, shared by the kernel files.
+
+Triton is optional: without it `triton` and `tl` are None, the kernel files skip defining
+their Triton kernels, and every public function runs its torch reference.
+
+Interpreter mode. Triton 3.9 decides between compiling and interpreting *when a function is
+decorated*: `triton.jit` reads `triton.knobs.runtime.interpret` (the TRITON_INTERPRET
+environment variable) and returns an `InterpretedFunction` instead of a `JITFunction`. This
+also holds for Triton's own library functions (`tl.max`, `tl.sum`, ...), which are decorated
+when `triton.language` is first imported — so the choice is effectively made once per process,
+at the first `import triton`. We therefore decide *before* importing triton:
+
+- a CUDA device is present, or TRITON_INTERPRET is already set: leave the environment alone
+  (compiled kernels on the GPU; or whatever the user asked for);
+- no CUDA device: set TRITON_INTERPRET=1, so that `IDEFICS2_MINI_KERNELS=triton` can run the
+  kernels on CPU tensors in the interpreter (Triton cannot run compiled kernels without a GPU
+  anyway, so nothing is lost).
+
+If triton was imported elsewhere *before* this module on a CPU-only machine, the interpreter is
+not active; `interpreter_active()` reports that and the wrappers raise a clear error when asked
+to run a kernel on CPU tensors.
+
+Interpreter caveat: the interpreter stores bfloat16 as raw uint16 and does no arithmetic on it
+(`tl.dot` on bf16 multiplies the bit patterns). The kernels therefore take an `UPCAST_BF16`
+constexpr that converts bf16 blocks to fp32 right after loading (exact) and re-rounds through
+bf16 exactly where the GPU path rounds (e.g. the softmax probabilities before P @ V), so the
+interpreted kernel computes the same numbers as the compiled one, up to summation order.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+triton = None
+tl = None
+_IMPORT_ERROR: Exception | None = None
+
+if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ:
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+try:  # pragma: no cover - exercised implicitly by every test
+    import triton  # type: ignore[no-redef]
+    import triton.language as tl  # type: ignore[no-redef]
+except Exception as error:  # ImportError, or a broken install
+    triton, tl, _IMPORT_ERROR = None, None, error
+
+
+def available() -> bool:
+    """True when triton imported."""
+    return triton is not None
+
+
+def interpreter_active() -> bool:
+    """True when Triton's own library functions were built for the interpreter."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.max, InterpretedFunction)
+
+
+def check_runnable(tensor: torch.Tensor) -> None:
+    """Raise a clear error when a Triton kernel cannot run on `tensor`'s device."""
+    if triton is None:
+        raise RuntimeError(f"triton is not importable ({_IMPORT_ERROR!r}); use the torch references")
+    if not tensor.is_cuda and not interpreter_active():
+        raise RuntimeError(
+            "Triton kernels on CPU tensors run only in Triton's interpreter, which must be chosen "
+            "before triton is first imported: set TRITON_INTERPRET=1 in the environment (this "
+            "process either has a CUDA device or imported triton before `kernels`)."
+        )
+
+
+def upcast_bf16(tensor: torch.Tensor) -> bool:
+    """Whether a kernel must convert bf16 blocks to fp32 after loading (interpreter only)."""
+    return tensor.dtype == torch.bfloat16 and (not tensor.is_cuda or interpreter_active())
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SM count of a CUDA device (used to size grids); a small constant on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
