@@ -1,0 +1,94 @@
+"""Connector: vision features -> 64 decoder-width tokens per image.
+
+1. modality projection: SwiGLU 1152 -> 14336 -> 4096, applied to every patch;
+2. perceiver resampler: 64 learned latents attend (GQA 16 q-heads / 4 kv-heads × 96) over
+   [projected patches ; latents] for 3 layers, then a final RMSNorm. The patches are the fixed
+   "context" (normalised afresh in each layer, never updated); only the latents evolve.
+   No causal mask, no RoPE; padded patches are masked out as keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+
+from .config import Idefics2Config, PerceiverConfig
+from .layers import RMSNorm, SwiGLU
+
+
+class PerceiverAttention(nn.Module):
+    def __init__(self, config: PerceiverConfig):
+        super().__init__()
+        self.num_heads = config.resampler_n_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.resampler_head_dim
+        width = config.hidden_size
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, key_padding_mask: torch.Tensor | None):
+        """latents [N, n_latents, C], context [N, L, C], key_padding_mask [N, L + n_latents] bool
+        -> [N, n_latents, C]."""
+        num_images, num_latents, _ = latents.shape
+        keys_in = torch.cat([context, latents], dim=1)  # [N, L + n_latents, C]
+        num_keys = keys_in.shape[1]
+        q = self.q_proj(latents).view(num_images, num_latents, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(keys_in).view(num_images, num_keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(keys_in).view(num_images, num_keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=self.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(num_images, num_latents, -1))
+
+
+class PerceiverLayer(nn.Module):
+    def __init__(self, config: PerceiverConfig):
+        super().__init__()
+        width, eps = config.hidden_size, config.rms_norm_eps
+        self.input_latents_norm = RMSNorm(width, eps)
+        self.input_context_norm = RMSNorm(width, eps)
+        self.self_attn = PerceiverAttention(config)
+        self.post_attention_layernorm = RMSNorm(width, eps)
+        self.mlp = SwiGLU(width, 4 * width, width)
+
+    def forward(self, latents, context, key_padding_mask):
+        """latents [N, n_latents, C], context [N, L, C] -> latents [N, n_latents, C]."""
+        latents = latents + self.self_attn(
+            self.input_latents_norm(latents), self.input_context_norm(context), key_padding_mask
+        )
+        return latents + self.mlp(self.post_attention_layernorm(latents))
+
+
+class PerceiverResampler(nn.Module):
+    def __init__(self, config: PerceiverConfig):
+        super().__init__()
+        self.latents = nn.Parameter(torch.ones(config.resampler_n_latents, config.hidden_size))
+        self.layers = nn.ModuleList(PerceiverLayer(config) for _ in range(config.resampler_depth))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """context [N, L, C], context_mask [N, L] bool (True = real patch) -> [N, n_latents, C]."""
+        num_images = context.shape[0]
+        latents = self.latents[None].expand(num_images, -1, -1)
+        key_padding_mask = None
+        if context_mask is not None:
+            latent_mask = context_mask.new_ones(num_images, latents.shape[1])
+            key_padding_mask = torch.cat([context_mask.to(torch.bool), latent_mask.to(torch.bool)], dim=1)
+        for layer in self.layers:
+            latents = layer(latents, context, key_padding_mask)
+        return self.norm(latents)
+
+
+class Connector(nn.Module):
+    def __init__(self, config: Idefics2Config):
+        super().__init__()
+        self.modality_projection = SwiGLU(
+            config.vision.hidden_size, config.text.intermediate_size, config.text.hidden_size
+        )
+        self.perceiver_resampler = PerceiverResampler(config.perceiver)
+
+    def forward(self, vision_features: torch.Tensor, patch_mask: torch.Tensor | None) -> torch.Tensor:
+        """vision_features [N, L, vision width], patch_mask [N, L] bool -> [N, n_latents, text width]."""
+        return self.perceiver_resampler(self.modality_projection(vision_features), patch_mask)

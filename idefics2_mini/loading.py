@@ -1,0 +1,210 @@
+"""Load and save checkpoints in the official Idefics2 safetensors layout.
+
+The official names and ours differ only in their prefixes (every sub-name inside a component is
+the official one), so the whole mapping is this table:
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import Idefics2Config
+from .model import Idefics2
+
+# official checkpoint prefix        -> prefix in Idefics2 (first match wins)
+PREFIX_TABLE: tuple[tuple[str, str], ...] = (
+    ("model.vision_model.encoder.", "vision."),  # encoder.layers.N.* -> vision.layers.N.*
+    ("model.vision_model.", "vision."),
+    ("model.connector.", "connector."),
+    ("model.text_model.", "text."),
+    ("lm_head.", "lm_head."),
+)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded as it is."""
+
+
+def official_to_ours(name: str) -> str | None:
+    for official, ours in PREFIX_TABLE:
+        if name.startswith(official):
+            return ours + name[len(official) :]
+    return None
+
+
+def ours_to_official(name: str) -> str:
+    # The reverse of the table; the encoder row must be tried first for vision.layers.*.
+    if name.startswith("vision.layers."):
+        return "model.vision_model.encoder." + name[len("vision.") :]
+    for official, ours in PREFIX_TABLE[1:]:
+        if name.startswith(ours):
+            return official + name[len(ours) :]
+    raise KeyError(name)
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Official tensor name -> the file that holds it, for a single or sharded checkpoint.
+
+    Checks that every shard the index names exists; raises CheckpointError naming what is missing.
+    """
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    index_path, single_path = path / INDEX_FILE, path / SINGLE_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index_path} is not a valid safetensors index (needs a 'weight_map'): {err}") from err
+        shards = sorted(set(weight_map.values()))
+        missing = [shard for shard in shards if not (path / shard).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{path}: the index names {len(shards)} shard(s) but {len(missing)} are missing: {', '.join(missing)}"
+            )
+        return {name: path / shard for name, shard in weight_map.items()}
+    if single_path.is_file():
+        names = _tensor_names(single_path)
+        return {name: single_path for name in names}
+    raise CheckpointError(f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _tensor_names(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+
+
+def _iter_tensors(files: dict[str, Path], wanted: Callable[[str], bool]) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """Yield (official name, file, tensor) one at a time, file by file; tensors are read from the
+    memory-mapped file only when asked for, so at most one source tensor is alive at a time."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        if wanted(name):
+            by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt") as handle:
+                present = set(handle.keys())
+                for name in names:
+                    if name not in present:
+                        raise CheckpointError(f"{file} does not hold tensor {name}, which the index says it does")
+                    yield name, file, handle.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} could not be read (truncated or corrupt?): {err}") from err
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> Idefics2:
+    """Build the model from `path` (config.json + official safetensors) in `dtype` on `device`.
+
+    The model is created on the meta device (no memory), then each parameter is materialised
+    directly from its checkpoint tensor, converted to `dtype` on `device`: peak memory is the
+    model in the target dtype plus one tensor in flight. Strict: every expected tensor present,
+    nothing unexpected, every shape equal; otherwise CheckpointError naming tensor and file.
+    `progress(done, total)` is called after each file is read.
+    """
+    path = Path(path)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    config = Idefics2Config.from_pretrained(path)
+    files = checkpoint_files(path)
+    with torch.device("meta"):
+        model = Idefics2(config)
+    expected = dict(model.named_parameters())
+
+    unexpected = sorted(name for name in files if official_to_ours(name) not in expected)
+    if unexpected:
+        shown = ", ".join(f"{name} (in {files[name].name})" for name in unexpected[:5])
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{path}: unexpected tensors not in the model: {shown}{more}")
+    present = {official_to_ours(name) for name in files}
+    tied = {"lm_head.weight"} if config.text.tie_word_embeddings else set()
+    missing = sorted(ours_to_official(name) for name in expected if name not in present and name not in tied)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {shown}")
+
+    total_files = len(set(files.values()))
+    done_files: set[Path] = set()
+    for name, file, tensor in _iter_tensors(files, lambda _: True):
+        ours = official_to_ours(name)
+        target = expected[ours]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{file.name}: tensor {name} has shape {list(tensor.shape)} but the config "
+                f"({path / 'config.json'}) needs {list(target.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected floating point")
+        value = tensor.to(device=device, dtype=dtype)
+        del tensor
+        _set_parameter(model, ours, torch.nn.Parameter(value, requires_grad=False))
+        if file not in done_files:
+            done_files.add(file)
+            if progress is not None:
+                progress(len(done_files), total_files)
+    if config.text.tie_word_embeddings:
+        model.lm_head.weight = model.text.embed_tokens.weight
+    # Non-persistent buffers (RoPE frequencies) are recomputed, not loaded.
+    model.text.rotary = type(model.text.rotary)(config.text.head_dim, config.text.rope_theta).to(device)
+    model.eval()
+    return model
+
+
+def _set_parameter(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
+    module_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attribute, value)
+
+
+def save_checkpoint(
+    model: Idefics2,
+    path: str | Path,
+    max_shard_bytes: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write config.json + safetensors with the official tensor names (sharded with an index
+    when `max_shard_bytes` is given and the model is larger)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if name == "lm_head.weight" and model.config.text.tie_word_embeddings:
+            continue
+        value = param.detach()
+        tensors[ours_to_official(name)] = (value if dtype is None else value.to(dtype)).contiguous().cpu()
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_file(tensors, str(path / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_size = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_size + size > max_shard_bytes:
+            shards.append({})
+            shard_size = 0
+        shards[-1][name] = tensor
+        shard_size += size
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / shard_name), metadata={"format": "pt"})
+        weight_map.update({name: shard_name for name in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,215 @@
+"""Idefics2: vision tower -> connector -> image tokens spliced into the decoder's input.
+
+    pixel_values [B, N, 3, H, W] ─ drop all-zero padding images ─► [I, 3, H, W]
+        ─► vision (patch mask from pixel mask) ─► [I, L, 1152]
+        ─► connector ─► image features [I, 64, 4096]
+    input_ids [B, T] ─► embeddings; the 64·I rows at <image> tokens ← image features, in order
+        ─► text decoder ─► lm_head ─► logits [B, T, vocab]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cache import KVCache
+from .config import Idefics2Config
+from .connector import Connector
+from .text import TextDecoder
+from .vision import VisionTransformer, patch_mask_from_pixel_mask
+
+
+class InputError(ValueError):
+    """Inputs that do not fit the model (shapes, image token counts, lengths)."""
+
+
+@dataclass
+class Idefics2Output:
+    """What `forward(..., output_hidden_states=True)` returns, for research and debugging."""
+
+    logits: torch.Tensor  # [B, T, vocab]
+    text_hidden_states: list[torch.Tensor] = field(default_factory=list)  # layers + 1 of [B, T, C]
+    vision_hidden_states: list[torch.Tensor] = field(default_factory=list)  # layers + 1 of [I, L, 1152]
+    image_features: torch.Tensor | None = None  # [I, 64, C], connector output
+
+
+class Idefics2(nn.Module):
+    def __init__(self, config: Idefics2Config):
+        super().__init__()
+        self.config = config
+        self.vision = VisionTransformer(config.vision)
+        self.connector = Connector(config)
+        self.text = TextDecoder(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.text.tie_word_embeddings:
+            self.lm_head.weight = self.text.embed_tokens.weight
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", **kwargs):
+        """Load an official-layout checkpoint folder (see loading.py)."""
+        from .loading import load_model  # noqa: PLC0415  (loading imports this module)
+
+        return load_model(path, dtype=dtype, device=device, **kwargs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # ------------------------------------------------------------------ images
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        vision_hidden_states_out: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """pixel_values [B, N, 3, H, W] (or [N, 3, H, W]); pixel_attention_mask [B, N, H, W]
+        (or [N, H, W]; None = all real) -> image features [I, n_latents, C] of the I real
+        (not all-zero) images, in batch order."""
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values[None]
+            pixel_attention_mask = None if pixel_attention_mask is None else pixel_attention_mask[None]
+        _check_pixel_inputs(pixel_values, pixel_attention_mask, self.config.vision.num_channels)
+        height, width = pixel_values.shape[-2:]
+        images = pixel_values.reshape(-1, *pixel_values.shape[2:]).to(self.dtype)
+        # Samples with fewer images are padded with all-zero images; a real image never is
+        # all zero after normalisation (black is -1), so this is how the reference drops them.
+        is_real = (images != 0).flatten(1).any(dim=1)
+        images = images[is_real]
+        if pixel_attention_mask is None:
+            pixel_mask = torch.ones(images.shape[0], height, width, dtype=torch.bool, device=images.device)
+        else:
+            pixel_mask = pixel_attention_mask.reshape(-1, height, width)[is_real]
+        if images.shape[0] == 0:
+            return images.new_zeros(0, self.config.image_seq_len, self.config.text.hidden_size)
+        patch_mask = patch_mask_from_pixel_mask(pixel_mask, self.config.vision.patch_size)
+        if not bool(patch_mask.flatten(1).any(dim=1).all()):
+            raise InputError(
+                "an image has no complete patch: its pixel_attention_mask covers less than "
+                f"{self.config.vision.patch_size}x{self.config.vision.patch_size} pixels"
+            )
+        vision_features = self.vision(images, patch_mask, vision_hidden_states_out)
+        return self.connector(vision_features, patch_mask.flatten(1))
+
+    def embed_inputs(
+        self, input_ids: torch.Tensor, image_features: torch.Tensor | None
+    ) -> torch.Tensor:
+        """input_ids [B, T], image_features [I, n_latents, C] -> embeddings [B, T, C] with the
+        <image> rows replaced by the image features, in reading order."""
+        embeddings = self.text.embed_tokens(input_ids)
+        image_positions = input_ids == self.config.image_token_id
+        num_image_tokens = int(image_positions.sum())
+        num_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if num_image_tokens != num_features:
+            num_images = 0 if image_features is None else image_features.shape[0]
+            raise InputError(
+                f"the prompt has {num_image_tokens} <image> tokens (id {self.config.image_token_id}) but "
+                f"{num_images} image(s) were given, which need {num_features} "
+                f"({self.config.image_seq_len} per image); use the processor to expand each <image>"
+            )
+        if num_features:
+            embeddings = embeddings.masked_scatter(
+                image_positions[..., None], image_features.to(embeddings.dtype).reshape(-1, embeddings.shape[-1])
+            )
+        return embeddings
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        *,
+        image_features: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+        last_token_only: bool = False,
+    ) -> torch.Tensor | Idefics2Output:
+        """input_ids [B, T] long; attention_mask [B, T] (1 = real, 0 = left padding);
+        pixel_values [B, N, 3, H, W]; pixel_attention_mask [B, N, H, W].
+
+        Returns logits [B, T, vocab] (or [B, 1, vocab] with `last_token_only`), or an
+        `Idefics2Output` with per-layer hidden states and image features when
+        `output_hidden_states=True`. `image_features` (from `get_image_features`) may be passed
+        instead of pixels; `cache` continues a KV cache (see generation.py).
+        """
+        _check_text_inputs(input_ids, attention_mask, self.config)
+        if cache is None and input_ids.shape[1] > self.config.text.max_position_embeddings:
+            raise InputError(
+                f"the prompt has {input_ids.shape[1]} tokens but the model allows at most "
+                f"{self.config.text.max_position_embeddings} (text_config.max_position_embeddings)"
+            )
+        vision_hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
+        if pixel_values is not None:
+            if image_features is not None:
+                raise InputError("pass either pixel_values or image_features, not both")
+            image_features = self.get_image_features(pixel_values, pixel_attention_mask, vision_hidden_states)
+        embeddings = self.embed_inputs(input_ids, image_features)
+        text_hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
+        hidden = self.text(embeddings, attention_mask, cache, text_hidden_states)
+        if last_token_only:
+            hidden = hidden[:, -1:]
+        logits = self.lm_head(hidden)
+        if not output_hidden_states:
+            return logits
+        return Idefics2Output(logits, text_hidden_states, vision_hidden_states, image_features)
+
+    def new_cache(self, batch_size: int, max_tokens: int) -> KVCache:
+        """An empty KV cache for `batch_size` rows and at most `max_tokens` tokens per row."""
+        text = self.config.text
+        if max_tokens > text.max_position_embeddings:
+            raise InputError(
+                f"{max_tokens} tokens (prompt + new) exceed the model's maximum of "
+                f"{text.max_position_embeddings} positions (text_config.max_position_embeddings)"
+            )
+        return KVCache(
+            num_layers=text.num_hidden_layers, batch_size=batch_size, num_kv_heads=text.num_key_value_heads,
+            head_dim=text.head_dim, max_tokens=max_tokens, sliding_window=text.sliding_window,
+            dtype=self.dtype, device=self.device,
+        )
+
+
+def _check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: Idefics2Config) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise InputError(f"input_ids must be a [batch, tokens] tensor, got {_describe(input_ids)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.shape[1] == 0:
+        raise InputError("input_ids is empty (0 tokens)")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.text.vocab_size):
+        raise InputError(
+            f"input_ids holds ids outside [0, {config.text.vocab_size}): "
+            f"min {int(input_ids.min())}, max {int(input_ids.max())}"
+        )
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise InputError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
+        )
+
+
+def _check_pixel_inputs(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None, channels: int) -> None:
+    if pixel_values.dim() != 5 or pixel_values.shape[2] != channels:
+        raise InputError(
+            f"pixel_values must be [batch, images, {channels}, height, width], got {_describe(pixel_values)}"
+        )
+    if pixel_attention_mask is not None:
+        expected = (*pixel_values.shape[:2], *pixel_values.shape[3:])
+        if tuple(pixel_attention_mask.shape) != tuple(expected):
+            raise InputError(
+                f"pixel_attention_mask must be [batch, images, height, width] = {list(expected)}, "
+                f"got {list(pixel_attention_mask.shape)}"
+            )
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"

@@ -1,0 +1,159 @@
+"""Text decoder: Mistral-7B (RMSNorm, half-split RoPE, GQA with a causal sliding window, SwiGLU).
+
+Attention mask rule (the reference's): query token i sees key token j when
+i - W < j <= i (W = sliding window, counted in tokens of the padded batch) and j is not padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+
+from .cache import KVCache
+from .config import TextConfig
+from .layers import RMSNorm, SwiGLU
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for half-split RoPE, computed in fp32 from the position ids."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] -> cos, sin [B, 1, T, head_dim] in `dtype` (broadcast over heads)."""
+        freqs = position_ids.float()[:, :, None] * self.inv_freq.float()[None, None, :]  # [B, T, D/2]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]: rotate pairs (x[:D/2], x[D/2:]) by the position's angles."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class TextAttention(nn.Module):
+    def __init__(self, config: TextConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window
+        width = config.hidden_size
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """x [B, T, C]; cos/sin [B, 1, T, D]; token_mask [B, T] bool (None = no padding) -> [B, T, C]."""
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        scale = self.head_dim**-0.5
+
+        if cache is not None and length == 1 and cache.num_tokens > 0:
+            # Decode: one query against the cache (its own key written first).
+            cache.write(self.layer_index, k, v)
+            cache_seqlens, key_mask = cache.decode_visible()
+            out = kernels.attention_decode(
+                q[:, :, 0], cache.keys[self.layer_index], cache.values[self.layer_index], cache_seqlens,
+                key_mask=key_mask, scale=scale,
+            )[:, :, None]
+        else:
+            # Prefill (of a whole prompt, or of a new chunk after earlier turns).
+            keys, values, key_mask = k, v, token_mask
+            if cache is not None and cache.num_tokens > 0:
+                past_k, past_v, past_real = cache.past(self.layer_index)
+                keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+                new_real = token_mask if token_mask is not None else past_real.new_ones(batch, length)
+                key_mask = torch.cat([past_real, new_real], dim=1)
+            out = kernels.attention(
+                q, keys, values, causal=True, window=self.sliding_window, key_padding_mask=key_mask, scale=scale
+            )
+            if cache is not None:
+                cache.write(self.layer_index, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class TextDecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = TextAttention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_size)
+
+    def forward(self, x, cos, sin, token_mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, token_mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextDecoder(nn.Module):
+    """Token embeddings -> N decoder layers -> final RMSNorm (the lm_head lives in the model)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(TextDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        hidden_states_out: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds [B, T, C]; attention_mask [B, T] for these T tokens (1 = real, 0 = left
+        padding; None = all real). With a cache, the tokens continue what it holds.
+
+        Returns the final-norm hidden states [B, T, C]. If `hidden_states_out` is a list, every
+        layer's input and the last layer's output are appended to it.
+        """
+        batch, length, _ = inputs_embeds.shape
+        token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        if token_mask is not None and bool(token_mask.all()):
+            token_mask = None  # no padding: attention can skip the key mask
+        if cache is not None:
+            step_mask = token_mask if token_mask is not None else inputs_embeds.new_ones(batch, length, dtype=torch.bool)
+            position_ids = cache.begin_step(step_mask)
+        else:
+            position_ids = position_ids_from_mask(token_mask, batch, length, inputs_embeds.device)
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            if hidden_states_out is not None:
+                hidden_states_out.append(x)
+            x = layer(x, cos, sin, token_mask, cache)
+        if cache is not None:
+            cache.end_step()
+        if hidden_states_out is not None:
+            hidden_states_out.append(x)
+        return self.norm(x)
+
+
+def position_ids_from_mask(token_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """RoPE positions that skip left padding: real tokens count 0, 1, 2, ...; padding gets 1
+    (what the reference's generate uses). token_mask [B, T] bool or None -> [B, T] long."""
+    if token_mask is None:
+        return torch.arange(length, device=device)[None].expand(batch, length)
+    return (token_mask.long().cumsum(dim=1) - 1).masked_fill(~token_mask, 1)

@@ -1,0 +1,162 @@
+"""Vision tower: SigLIP ViT with NaViT-style positions for images of any aspect ratio.
+
+Each image arrives padded to the batch's largest H×W; `patch_attention_mask` says which
+14×14 patches are real. A real patch gets a position id on the 70×70 table by bucketing its
+*fractional* coordinate within its own image's patch grid, so a 378×980 image spreads its
+27×70 patches over the whole table instead of using its top-left corner. Padded patches get
+position 0 and are masked out as keys in every attention layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+from .config import VisionConfig
+
+
+def patch_mask_from_pixel_mask(pixel_attention_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """pixel_attention_mask [N, H, W] (1 = real pixel) -> patch_attention_mask [N, H//p, W//p] bool.
+
+    A patch is real only when all its p*p pixels are real. With this rule an image padded in a
+    batch gets exactly the patches it gets alone (its partial edge patches are dropped either way).
+    """
+    num_images, height, width = pixel_attention_mask.shape
+    rows, cols = height // patch_size, width // patch_size
+    pixels = pixel_attention_mask[:, : rows * patch_size, : cols * patch_size].to(torch.bool)
+    pixels = pixels.reshape(num_images, rows, patch_size, cols, patch_size)
+    return pixels.all(dim=4).all(dim=2)
+
+
+def navit_position_ids(patch_attention_mask: torch.Tensor, num_patches_per_side: int) -> torch.Tensor:
+    """patch_attention_mask [N, h, w] bool -> position ids [N, h*w] long into the side×side table.
+
+    Computed in float32 with the same operations as the reference so that the bucket
+    boundaries (which fall exactly on multiples of 1/side) round identically.
+    """
+    num_images, max_rows, max_cols = patch_attention_mask.shape
+    device = patch_attention_mask.device
+    boundaries = torch.arange(1 / num_patches_per_side, 1.0, 1 / num_patches_per_side, device=device)
+    # Real rows/cols of each image: real patches form a top-left rectangle.
+    rows_per_image = patch_attention_mask[:, :, 0].sum(dim=1)  # [N]
+    cols_per_image = patch_attention_mask[:, 0, :].sum(dim=1)  # [N]
+    row_step = 1.0 / rows_per_image
+    col_step = 1.0 / cols_per_image
+    row_coords = torch.arange(max_rows, device=device, dtype=torch.float32)[None, :] * row_step[:, None]
+    col_coords = torch.arange(max_cols, device=device, dtype=torch.float32)[None, :] * col_step[:, None]
+    row_buckets = torch.bucketize(row_coords.clamp(max=1.0 - 1e-6), boundaries, right=True)  # [N, h]
+    col_buckets = torch.bucketize(col_coords.clamp(max=1.0 - 1e-6), boundaries, right=True)  # [N, w]
+    position_ids = row_buckets[:, :, None] * num_patches_per_side + col_buckets[:, None, :]
+    position_ids = position_ids.reshape(num_images, -1)
+    return torch.where(patch_attention_mask.reshape(num_images, -1), position_ids, 0)
+
+
+class VisionEmbeddings(nn.Module):
+    """Conv patchify (kernel = stride = patch size) + learned NaViT position embedding."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.num_patches_per_side = config.num_patches_per_side
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.position_embedding = nn.Embedding(self.num_patches_per_side**2, config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, H, W], patch_attention_mask [N, H//p, W//p] -> [N, (H//p)*(W//p), C]."""
+        patches = self.patch_embedding(pixel_values)  # [N, C, H//p, W//p]
+        embeddings = patches.flatten(2).transpose(1, 2)  # [N, L, C]
+        position_ids = navit_position_ids(patch_attention_mask, self.num_patches_per_side)
+        return embeddings + self.position_embedding(position_ids)
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional multi-head attention; padded patches are masked out as keys."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """x [N, L, C], key_padding_mask [N, L] bool (True = real patch) -> [N, L, C]."""
+        num_images, length, width = x.shape
+        heads_shape = (num_images, length, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(heads_shape).transpose(1, 2)  # [N, heads, L, head_dim]
+        k = self.k_proj(x).view(heads_shape).transpose(1, 2)
+        v = self.v_proj(x).view(heads_shape).transpose(1, 2)
+        out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=self.head_dim**-0.5)
+        return self.out_proj(out.transpose(1, 2).reshape(num_images, length, width))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class VisionEncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = VisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = VisionMLP(config)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), key_padding_mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """pixels [N, 3, H, W] + patch mask [N, H//14, W//14] -> patch features [N, L, 1152]."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = VisionEmbeddings(config)
+        self.layers = nn.ModuleList(VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        patch_attention_mask: torch.Tensor | None = None,
+        hidden_states_out: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """pixel_values [N, 3, H, W]; patch_attention_mask [N, H//p, W//p] bool (None: all real).
+
+        Returns the post-layernorm features [N, (H//p)*(W//p), C]. If `hidden_states_out` is a
+        list, the input of every layer and the last layer's output are appended to it.
+        """
+        num_images, _, height, width = pixel_values.shape
+        patch = self.config.patch_size
+        if patch_attention_mask is None:
+            patch_attention_mask = torch.ones(
+                num_images, height // patch, width // patch, dtype=torch.bool, device=pixel_values.device
+            )
+        x = self.embeddings(pixel_values, patch_attention_mask)
+        key_padding_mask = patch_attention_mask.reshape(num_images, -1)
+        if bool(key_padding_mask.all()):
+            key_padding_mask = None  # nothing padded: let attention skip the mask entirely
+        for layer in self.layers:
+            if hidden_states_out is not None:
+                hidden_states_out.append(x)
+            x = layer(x, key_padding_mask)
+        if hidden_states_out is not None:
+            hidden_states_out.append(x)
+        return self.post_layernorm(x)

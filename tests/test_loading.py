@@ -1,0 +1,118 @@
+"""Checkpoint loading: official names via the prefix table, sharded files, dtypes, strictness."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from reference_models import make_reference_checkpoint
+from safetensors.torch import load_file, save_file
+
+import idefics2_mini as im
+from idefics2_mini.loading import INDEX_FILE, SINGLE_FILE, official_to_ours, ours_to_official
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    make_reference_checkpoint(path, seed=4)
+    return path
+
+
+def copy_of(checkpoint, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(checkpoint, target)
+    return target
+
+
+def test_prefix_table_round_trips_every_name(checkpoint):
+    model = im.Idefics2.from_pretrained(checkpoint)
+    official = set(load_file(checkpoint / SINGLE_FILE))
+    ours = {name for name, _ in model.named_parameters()}
+    assert {official_to_ours(name) for name in official} == ours
+    assert {ours_to_official(name) for name in ours} == official
+
+
+def test_sharded_equals_single_and_dtypes(checkpoint, tmp_path):
+    model = im.Idefics2.from_pretrained(checkpoint)
+    im.save_checkpoint(model, tmp_path / "sharded", max_shard_bytes=2_000_000)
+    index = json.loads((tmp_path / "sharded" / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    sharded = im.Idefics2.from_pretrained(tmp_path / "sharded")
+    for (name, a), (_, b) in zip(model.state_dict().items(), sharded.state_dict().items()):
+        assert torch.equal(a, b), name
+    for dtype in (torch.bfloat16, torch.float16):
+        low = im.Idefics2.from_pretrained(tmp_path / "sharded", dtype=dtype)
+        assert {p.dtype for p in low.parameters()} == {dtype}
+        assert torch.equal(low.lm_head.weight, model.lm_head.weight.to(dtype))
+
+
+def test_progress_called_per_file(checkpoint, tmp_path):
+    im.save_checkpoint(im.Idefics2.from_pretrained(checkpoint), tmp_path / "s", max_shard_bytes=2_000_000)
+    calls = []
+    im.Idefics2.from_pretrained(tmp_path / "s", progress=lambda done, total: calls.append((done, total)))
+    total = calls[0][1]
+    assert calls == [(i, total) for i in range(1, total + 1)]
+
+
+def rewrite(path, change):
+    tensors = load_file(path / SINGLE_FILE)
+    change(tensors)
+    save_file(tensors, str(path / SINGLE_FILE), metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    rewrite(path, lambda t: t.pop("model.connector.perceiver_resampler.latents"))
+    with pytest.raises(im.CheckpointError, match="missing .*model.connector.perceiver_resampler.latents"):
+        im.Idefics2.from_pretrained(path)
+
+
+def test_unexpected_tensor_is_named(checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    rewrite(path, lambda t: t.update({"model.vision_model.head.probe": torch.zeros(3)}))
+    with pytest.raises(im.CheckpointError, match="unexpected .*model.vision_model.head.probe"):
+        im.Idefics2.from_pretrained(path)
+
+
+def test_config_not_matching_weights(checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 2
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(im.CheckpointError, match=r"down_proj.weight has shape \[96, 200\] but the config .* needs \[96, 202\]"):
+        im.Idefics2.from_pretrained(path)
+
+
+def test_missing_shard_is_named(checkpoint, tmp_path):
+    im.save_checkpoint(im.Idefics2.from_pretrained(checkpoint), tmp_path / "s", max_shard_bytes=2_000_000)
+    next((tmp_path / "s").glob("model-00002-of-*.safetensors")).unlink()
+    with pytest.raises(im.CheckpointError, match="missing: model-00002-of"):
+        im.Idefics2.from_pretrained(tmp_path / "s")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_truncated_or_corrupt_file_is_named(checkpoint, tmp_path, damage):
+    path = copy_of(checkpoint, tmp_path)
+    data = (path / SINGLE_FILE).read_bytes()
+    if damage == "truncate":
+        data = data[: len(data) - 1000]
+    elif damage == "garbage":
+        data = b"\x00\x01not a safetensors file" * 10
+    else:
+        data = b""
+    (path / SINGLE_FILE).write_bytes(data)
+    with pytest.raises(im.CheckpointError, match=SINGLE_FILE):
+        im.Idefics2.from_pretrained(path)
+
+
+def test_empty_folder_and_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        im.Idefics2.from_pretrained(tmp_path)
+    with pytest.raises((im.CheckpointError, FileNotFoundError), match="nowhere"):
+        im.Idefics2.from_pretrained(tmp_path / "nowhere")
+    im.Idefics2Config.from_dict({}).save(tmp_path)  # a config but no weights
+    with pytest.raises(im.CheckpointError, match="neither model.safetensors nor"):
+        im.Idefics2.from_pretrained(tmp_path)
