@@ -1,25 +1,31 @@
 """Kernels on the model's hot path: each file holds the Triton kernel, its torch reference and
 the dispatching function the model calls (see dispatch.py for the rule)."""
 
-from .attention_decode import attention_decode, attention_decode_reference
+from .attention_decode import attention_decode, attention_decode_reference, attention_decode_triton
 from .attention_prefill import (
     attention,
     attention_reference,
+    attention_triton,
     attention_varlen,
     attention_varlen_reference,
+    attention_varlen_triton,
     visible_keys_mask,
 )
 from .dispatch import KERNELS_ENV, kernel_mode, triton_available, use_triton
-from .rmsnorm import rms_norm, rms_norm_reference
+from .rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 
 __all__ = [
     "KERNELS_ENV",
+    "RMSNormFunction",
     "attention",
     "attention_decode",
     "attention_decode_reference",
+    "attention_decode_triton",
     "attention_reference",
+    "attention_triton",
     "attention_varlen",
     "attention_varlen_reference",
+    "attention_varlen_triton",
     "kernel_mode",
     "rms_norm",
     "rms_norm_reference",

@@ -8,6 +8,16 @@
 
 The environment variable is read on every call (no cached global), so a test or a user can
 flip it between calls.
+
+Interpreter mode: Triton picks "compile or interpret" when it decorates a kernel (including its
+own `tl.*` library functions, at `import triton`), from TRITON_INTERPRET. `kernels/_triton.py`
+therefore sets TRITON_INTERPRET=1 *before* importing triton when no CUDA device is present (and
+the variable is unset), so forced-Triton CPU runs use the interpreter. On a machine with a GPU
+the kernels are compiled; running them on CPU tensors there needs TRITON_INTERPRET=1 set before
+the process imports triton (the wrappers raise an error saying so).
+
+Forward-only kernels (attention, decode) fall back to the reference when a gradient is needed;
+RMSNorm has a Triton backward.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ KERNELS_ENV = "IDEFICS2_MINI_KERNELS"
 
 
 def triton_available() -> bool:
+    """True when triton is installed (found by the import system)."""
     return importlib.util.find_spec("triton") is not None
 
 
