@@ -44,6 +44,10 @@ def load_image(path_or_image: ImageLike) -> PIL.Image.Image:
     if isinstance(path_or_image, PIL.Image.Image):
         image = path_or_image
         source = f"PIL image (mode {image.mode})"
+        try:
+            image.load()  # a lazily opened file is decoded here; a no-op for in-memory images
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"PIL image could not be decoded (truncated or corrupt file?): {error}") from error
     elif isinstance(path_or_image, (str, Path)):
         path = Path(path_or_image)
         source = str(path)
@@ -211,12 +215,13 @@ class Idefics2ImageProcessor:
 
         Returns {"pixel_values": [B, N, 3, H, W] float32, "pixel_attention_mask": [B, N, H, W] int64}.
         """
-        per_sample = self._as_nested_list(images)
+        per_sample = self.as_nested_image_list(images)
         processed = [[crop for image in sample for crop in self.preprocess_image(image)] for sample in per_sample]
         return self.pad_batch(processed)
 
     @staticmethod
-    def _as_nested_list(images) -> list[list[ImageLike]]:
+    def as_nested_image_list(images) -> list[list[ImageLike]]:
+        """image | flat list | list of lists -> one list of images per sample (validated)."""
         def is_image(item) -> bool:
             return isinstance(item, (str, Path, PIL.Image.Image))
 

@@ -154,7 +154,7 @@ class Idefics2Processor:
                     f"The prompts have {sum(counts)} {IMAGE_TOKEN} token(s) (per prompt: {counts}) but no images were given"
                 )
             return [[] for _ in prompts]
-        nested = Idefics2ImageProcessor._as_nested_list(images)  # also validates the structure
+        nested = Idefics2ImageProcessor.as_nested_image_list(images)  # also validates the structure
         looks_flat = not (isinstance(images, (list, tuple)) and images and isinstance(images[0], (list, tuple)))
         if looks_flat:
             flat = nested[0]

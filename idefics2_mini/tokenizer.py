@@ -150,7 +150,9 @@ class Idefics2Tokenizer:
             self._check_id(token_id)
             return self.id_to_special_token.get(token_id) or self.sp.id_to_piece(token_id)
 
-        return one(int(ids)) if isinstance(ids, int) else [one(int(i)) for i in ids]
+        if hasattr(ids, "tolist"):  # tensors and numpy values
+            ids = ids.tolist()
+        return one(ids) if isinstance(ids, int) else [one(int(i)) for i in ids]
 
     # ------------------------------------------------------------------ decoding
 

@@ -195,6 +195,9 @@ def test_truncated_file(tmp_path):
     (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         Idefics2ImageProcessor()(tmp_path / "truncated.png")
+    lazily_opened = PIL.Image.open(truncated)  # a PIL image whose pixels are not read yet
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        Idefics2ImageProcessor()([lazily_opened])
 
 
 def test_non_image_bytes(tmp_path):
