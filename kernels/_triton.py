@@ -20,11 +20,17 @@ If triton was imported elsewhere *before* this module on a CPU-only machine, the
 not active; `interpreter_active()` reports that and the wrappers raise a clear error when asked
 to run a kernel on CPU tensors.
 
-Interpreter caveat: the interpreter stores bfloat16 as raw uint16 and does no arithmetic on it
-(`tl.dot` on bf16 multiplies the bit patterns). The kernels therefore take an `UPCAST_BF16`
-constexpr that converts bf16 blocks to fp32 right after loading (exact) and re-rounds through
-bf16 exactly where the GPU path rounds (e.g. the softmax probabilities before P @ V), so the
-interpreted kernel computes the same numbers as the compiled one, up to summation order.
+Interpreter caveats (triton 3.9), both about bfloat16, which numpy lacks:
+- the interpreter stores bf16 as raw uint16 and does no arithmetic on it (`tl.dot` on bf16
+  multiplies the bit patterns). The kernels take an `UPCAST_BF16` constexpr that converts bf16
+  blocks to fp32 right after loading (exact) and round through bf16 exactly where the GPU
+  path rounds (e.g. the softmax probabilities before P @ V);
+- its fp32 -> bf16 cast truncates instead of rounding to nearest even (the GPU's default).
+  Every bf16 rounding in the kernels goes through `to_dtype(x, dtype, FIX_BF16)`, which in the
+  interpreter first rounds to nearest even by integer arithmetic on the fp32 bits (after which
+  the truncating cast is exact); compiled kernels use the plain cast.
+With both, the interpreted kernels compute the same numbers as the compiled ones, up to
+summation order, which is what lets the CPU tests hold them to the GPU tolerance rule.
 """
 
 from __future__ import annotations
@@ -47,6 +53,24 @@ try:  # pragma: no cover - exercised implicitly by every test
     import triton.language as tl  # type: ignore[no-redef]
 except Exception as error:  # ImportError, or a broken install
     triton, tl, _IMPORT_ERROR = None, None, error
+
+
+if triton is not None:
+
+    @triton.jit
+    def to_dtype(x, dtype: tl.constexpr, FIX_BF16: tl.constexpr):
+        """x.to(dtype), rounding to nearest even also in the interpreter (see above)."""
+        if FIX_BF16:
+            if dtype == tl.bfloat16:
+                bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+                # Add half an ulp of bf16 (minus one unless the kept last bit is odd: ties to
+                # even), then drop the 16 low bits.
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+else:
+    to_dtype = None
 
 
 def available() -> bool:

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import _triton
-from ._triton import tl, triton
+from ._triton import tl, to_dtype, triton
 from .dispatch import use_triton
 
 
@@ -69,6 +69,7 @@ if triton is not None:
         kv_heads, group, head_dim, slots, chunk, num_splits, qk_scale,
         HAS_KEY_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
+        FIX_BF16: tl.constexpr,
     ):
         """q [B, Hq, D]; k/v cache [B, Hkv, S, D]; seqlens [B]; key_mask [B, S] uint8.
         Writes part_out [B, Hq, splits, D] (fp32, normalised within the chunk) and
@@ -122,7 +123,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_kn[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                         mask=key_in[:, None] & d_in[None, :], other=0.0)
-            p_lo = p.to(v_ptr.dtype.element_ty)
+            p_lo = to_dtype(p, v_ptr.dtype.element_ty, FIX_BF16)
             if UPCAST_BF16:
                 p_lo = p_lo.to(tl.float32)
                 v = v.to(tl.float32)
@@ -139,7 +140,7 @@ if triton is not None:
     @triton.jit
     def _decode_reduce_kernel(
         part_out_ptr, part_lse_ptr, out_ptr, q_heads, head_dim, num_splits, so_b, so_h,
-        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, FIX_BF16: tl.constexpr,
     ):
         """Merge the splits of one (sequence, query head): with chunk log-sum-exps L_s and
         normalised chunk outputs O_s, out = sum_s exp2(L_s - M) O_s / sum_s exp2(L_s - M),
@@ -160,7 +161,7 @@ if triton is not None:
                        mask=s_in[:, None] & d_in[None, :], other=0.0)
         total = tl.sum(weight, 0)
         out = tl.sum(weight[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
-        tl.store(out_ptr + b * so_b + h * so_h + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_in)
+        tl.store(out_ptr + b * so_b + h * so_h + offs_d, to_dtype(out, out_ptr.dtype.element_ty, FIX_BF16), mask=d_in)
 
 
 def _decode_config(q, batch, kv_heads, slots, num_splits):
@@ -222,11 +223,11 @@ def attention_decode_triton(q, k_cache, v_cache, cache_seqlens, *, key_mask=None
         kv_heads, group, head_dim, slots, chunk, splits, scale * LOG2_E,
         HAS_KEY_MASK=kmask is not None, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_BF16=_triton.upcast_bf16(q), num_warps=warps, num_stages=stages,
+        UPCAST_BF16=_triton.upcast_bf16(q), FIX_BF16=_triton.interpreter_active(), num_warps=warps, num_stages=stages,
     )
     _decode_reduce_kernel[(batch * q_heads,)](
         part_out, part_lse, out, q_heads, head_dim, splits, out.stride(0), out.stride(1),
-        BLOCK_S=max(2, _triton.next_power_of_2(splits)), BLOCK_D=block_d, num_warps=4,
+        BLOCK_S=max(2, _triton.next_power_of_2(splits)), BLOCK_D=block_d, FIX_BF16=_triton.interpreter_active(), num_warps=4,
     )
     return out
 

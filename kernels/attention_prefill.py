@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton
-from ._triton import tl, triton
+from ._triton import tl, to_dtype, triton
 from .dispatch import use_triton
 
 
@@ -165,6 +165,7 @@ if triton is not None:
         VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
+        FIX_BF16: tl.constexpr,
     ):
         """Padded: q/o [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], kpm [B, Lk] uint8 (1 = real key).
         Varlen: q/o [Tq, Hq, D], k/v [Tk, Hkv, D], cu_q/cu_k [B + 1] int32 (batch strides 0).
@@ -259,7 +260,7 @@ if triton is not None:
             v = tl.load(v_base + offs_kn[:, None] * sv_n + offs_d[None, :],
                         mask=key_in[:, None] & d_in[None, :], other=0.0)
             # P is rounded to V's dtype so the second matmul runs on tensor cores in 16 bit.
-            p_lo = p.to(v_ptr.dtype.element_ty)
+            p_lo = to_dtype(p, v_ptr.dtype.element_ty, FIX_BF16)
             if UPCAST_BF16:
                 p_lo = p_lo.to(tl.float32)
                 v = v.to(tl.float32)
@@ -269,7 +270,7 @@ if triton is not None:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         tl.store(o_base + offs_m[:, None] * so_m + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
+                 to_dtype(out, o_ptr.dtype.element_ty, FIX_BF16), mask=row_in[:, None] & d_in[None, :])
 
 
 def _block_sizes(head_dim_padded: int, dtype: torch.dtype, device: torch.device):
@@ -305,7 +306,7 @@ def _launch(q, k, v, out, kpm, cu_q, cu_k, strides, q_len, k_len, grid_m, batch,
         VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window is not None,
         HAS_KPM=strides["has_kpm"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_BF16=_triton.upcast_bf16(q), num_warps=num_warps, num_stages=num_stages,
+        UPCAST_BF16=_triton.upcast_bf16(q), FIX_BF16=_triton.interpreter_active(), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from . import _triton
-from ._triton import tl, triton
+from ._triton import tl, to_dtype, triton
 from .dispatch import use_triton
 
 
@@ -64,7 +64,7 @@ if triton is not None:
         x_ptr, residual_ptr, weight_ptr, y_ptr, summed_ptr, rstd_ptr,
         n_cols, x_row_stride, r_row_stride, y_row_stride, s_row_stride, eps,
         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
-        ACC: tl.constexpr,
+        ACC: tl.constexpr, FIX_BF16: tl.constexpr,
     ):
         """x, residual, y, summed: [rows, n_cols] (row strides given, unit column stride);
         weight: [n_cols]; rstd: [rows] (ACC dtype, saved for the backward)."""
@@ -81,14 +81,14 @@ if triton is not None:
             if HAS_RESIDUAL:
                 r = tl.load(r_row + cols, mask=in_row, other=0.0).to(ACC)
                 # torch adds in the input dtype: an exact fp32 add rounded once to that dtype.
-                x = (x + r).to(in_dtype)
+                x = to_dtype(x + r, in_dtype, FIX_BF16)
                 tl.store(s_row + cols, x, mask=in_row)
                 x = x.to(ACC)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
             # The reference casts the normalised value to the input dtype *before* the weight.
-            normed = (x * rstd).to(in_dtype).to(ACC)
+            normed = to_dtype(x * rstd, in_dtype, FIX_BF16).to(ACC)
             w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-            tl.store(y_row + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=in_row)
+            tl.store(y_row + cols, to_dtype(w * normed, y_ptr.dtype.element_ty, FIX_BF16), mask=in_row)
         else:
             sum_sq = tl.zeros([BLOCK], dtype=ACC)
             for start in range(0, n_cols, BLOCK):
@@ -97,7 +97,7 @@ if triton is not None:
                 x = tl.load(x_row + cols, mask=in_row, other=0.0).to(ACC)
                 if HAS_RESIDUAL:
                     r = tl.load(r_row + cols, mask=in_row, other=0.0).to(ACC)
-                    x = (x + r).to(in_dtype)
+                    x = to_dtype(x + r, in_dtype, FIX_BF16)
                     tl.store(s_row + cols, x, mask=in_row)
                     x = x.to(ACC)
                 sum_sq += x * x
@@ -110,10 +110,10 @@ if triton is not None:
                 x = tl.load(x_row + cols, mask=in_row, other=0.0).to(ACC)
                 if HAS_RESIDUAL:
                     r = tl.load(r_row + cols, mask=in_row, other=0.0).to(ACC)
-                    x = (x + r).to(in_dtype).to(ACC)
-                normed = (x * rstd).to(in_dtype).to(ACC)
+                    x = to_dtype(x + r, in_dtype, FIX_BF16).to(ACC)
+                normed = to_dtype(x * rstd, in_dtype, FIX_BF16).to(ACC)
                 w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-                tl.store(y_row + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=in_row)
+                tl.store(y_row + cols, to_dtype(w * normed, y_ptr.dtype.element_ty, FIX_BF16), mask=in_row)
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
@@ -122,7 +122,7 @@ if triton is not None:
         n_rows, n_cols, rows_per_program,
         dy_row_stride, x_row_stride, dsum_row_stride, dx_row_stride,
         HAS_DSUM: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
-        ACC: tl.constexpr,
+        ACC: tl.constexpr, FIX_BF16: tl.constexpr,
     ):
         """Backward of y = w * cast(x * rstd).
 
@@ -161,8 +161,8 @@ if triton is not None:
                 dx = (g - normed * mean_gn) * rstd
                 if HAS_DSUM:
                     dx += tl.load(dsum_row + cols, mask=in_row, other=0.0).to(ACC)
-                tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=in_row)
-                dw_acc += dy * normed.to(in_dtype).to(ACC)
+                tl.store(dx_row + cols, to_dtype(dx, dx_ptr.dtype.element_ty, FIX_BF16), mask=in_row)
+                dw_acc += dy * to_dtype(normed, in_dtype, FIX_BF16).to(ACC)
                 x_row += x_row_stride
                 dy_row += dy_row_stride
                 dsum_row += dsum_row_stride
@@ -191,11 +191,11 @@ if triton is not None:
                     dx = (dy * w - normed * mean_gn) * rstd
                     if HAS_DSUM:
                         dx += tl.load(dsum_row + cols, mask=in_row, other=0.0).to(ACC)
-                    tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=in_row)
+                    tl.store(dx_row + cols, to_dtype(dx, dx_ptr.dtype.element_ty, FIX_BF16), mask=in_row)
                     # dw_partial row `pid` belongs to this program alone, so read-modify-write is
                     # race free (each element is touched by the same thread every time).
                     dw = tl.load(dw_row + cols, mask=in_row, other=0.0)
-                    tl.store(dw_row + cols, dw + dy * normed.to(in_dtype).to(ACC), mask=in_row)
+                    tl.store(dw_row + cols, dw + dy * to_dtype(normed, in_dtype, FIX_BF16).to(ACC), mask=in_row)
                 x_row += x_row_stride
                 dy_row += dy_row_stride
                 dsum_row += dsum_row_stride
@@ -247,7 +247,7 @@ def _rms_norm_fwd_launch(x, weight, eps, residual, max_one_block=MAX_ONE_BLOCK):
         x2, r2, weight, y2, s2, rstd,
         n_cols, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0), eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, ONE_BLOCK=one_block,
-        ACC=_acc_dtype(x, weight), num_warps=num_warps,
+        ACC=_acc_dtype(x, weight), FIX_BF16=_triton.interpreter_active(), num_warps=num_warps,
     )
     return y, summed, rstd
 
@@ -276,7 +276,7 @@ def _rms_norm_bwd_launch(dy, x, weight, rstd, dsum, max_one_block=MAX_ONE_BLOCK)
         rows, n_cols, rows_per_program,
         dy2.stride(0), x2.stride(0), ds2.stride(0), dx2.stride(0),
         HAS_DSUM=dsum is not None, BLOCK=block, ONE_BLOCK=one_block,
-        ACC=_acc_dtype(x, weight), num_warps=num_warps,
+        ACC=_acc_dtype(x, weight), FIX_BF16=_triton.interpreter_active(), num_warps=num_warps,
     )
     return dx, dw_partial.sum(0).to(weight.dtype)
 
