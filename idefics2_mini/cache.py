@@ -60,7 +60,7 @@ class KVCache:
     def begin_step(self, token_mask: torch.Tensor) -> torch.Tensor:
         """Announce T new tokens. token_mask [B, T] (1 = real, 0 = left padding).
 
-        Returns their RoPE position ids [B, T] (padding gets 1, as the reference does).
+        Returns their RoPE position ids [B, T] (padding gets 0, as the reference does).
         """
         num_new = token_mask.shape[1]
         if self.num_tokens + num_new > self.max_tokens:
@@ -70,7 +70,7 @@ class KVCache:
             )
         token_mask = token_mask.to(torch.bool)
         positions = self.next_position[:, None] + token_mask.long().cumsum(dim=1) - 1
-        positions = positions.masked_fill(~token_mask, 1)
+        positions = positions.masked_fill(~token_mask, 0)
         # Only the last `capacity` of the new tokens survive in the buffer.
         kept = min(num_new, self.capacity)
         first_kept = self.num_tokens + num_new - kept

@@ -7,14 +7,17 @@ the official one), so the whole mapping is this table:
 from __future__ import annotations
 
 import json
+import math
+import mmap
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Idefics2Config
+from .generation import GenerationDefaults
 from .model import Idefics2
 
 # official checkpoint prefix        -> prefix in Idefics2 (first match wins)
@@ -77,31 +80,86 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def _tensor_names(file: Path) -> list[str]:
+# safetensors dtype codes -> torch dtypes (the file format: 8-byte little-endian header length,
+# a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw data).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_header(file: Path) -> tuple[dict[str, dict], int]:
+    """Parse and check a safetensors header: (tensor name -> {dtype, shape, data_offsets},
+    offset of the data section). Raises CheckpointError naming the file when the header is
+    corrupt or a tensor's bytes run past the end of the file (a truncated download)."""
     try:
-        with safe_open(file, framework="pt") as handle:
-            return list(handle.keys())
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{file} is not a safetensors file: only {size} bytes long")
+            header_len = struct.unpack("<Q", prefix)[0]
+            if header_len > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{file} is not a safetensors file (header length {header_len} is impossible)")
+            header = json.loads(handle.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} has a corrupt safetensors header: {err}") from err
+    except OSError as err:
+        raise CheckpointError(f"{file} could not be read: {err}") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    for name, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            count = math.prod(entry["shape"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{file}: tensor {name} has a corrupt header entry {entry!r}") from err
+        if end - begin != count * dtype.itemsize or begin < 0:
+            raise CheckpointError(f"{file}: tensor {name} has inconsistent offsets {entry['data_offsets']}")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{file} is truncated: tensor {name} needs bytes up to {data_start + end} but the file "
+                f"has {size} (re-download it)"
+            )
+    return header, data_start
+
+
+def _tensor_names(file: Path) -> list[str]:
+    return list(read_header(file)[0])
 
 
 def _iter_tensors(files: dict[str, Path], wanted: Callable[[str], bool]) -> Iterator[tuple[str, Path, torch.Tensor]]:
-    """Yield (official name, file, tensor) one at a time, file by file; tensors are read from the
-    memory-mapped file only when asked for, so at most one source tensor is alive at a time."""
+    """Yield (official name, file, tensor) one at a time, file by file.
+
+    Each file is memory-mapped; a yielded tensor is a zero-copy view of the mapping that is
+    only valid until the next one is asked for (the caller copies it into its parameter).
+    Pages already read are handed back to the kernel after each tensor, so the process never
+    holds more than one source tensor besides the model it is building.
+    """
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         if wanted(name):
             by_file.setdefault(file, []).append(name)
+    page = mmap.PAGESIZE
     for file, names in by_file.items():
-        try:
-            with safe_open(file, framework="pt") as handle:
-                present = set(handle.keys())
-                for name in names:
-                    if name not in present:
-                        raise CheckpointError(f"{file} does not hold tensor {name}, which the index says it does")
-                    yield name, file, handle.get_tensor(name)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{file} could not be read (truncated or corrupt?): {err}") from err
+        header, data_start = read_header(file)
+        with open(file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+            for name in names:
+                if name not in header:
+                    raise CheckpointError(f"{file} does not hold tensor {name}, which the index says it does")
+                entry = header[name]
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                begin, end = (data_start + offset for offset in entry["data_offsets"])
+                view = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+                yield name, file, view.reshape(entry["shape"])
+                del view
+                aligned = begin - begin % page
+                if hasattr(mapped, "madvise") and end > aligned:
+                    mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
 
 
 def load_model(
@@ -151,7 +209,8 @@ def load_model(
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected floating point")
-        value = tensor.to(device=device, dtype=dtype)
+        # Always a copy: the view dies with the mapping, and parameters must not alias the file.
+        value = tensor.to(device=device, dtype=dtype, copy=True)
         del tensor
         _set_parameter(model, ours, torch.nn.Parameter(value, requires_grad=False))
         if file not in done_files:
@@ -162,6 +221,7 @@ def load_model(
         model.lm_head.weight = model.text.embed_tokens.weight
     # Non-persistent buffers (RoPE frequencies) are recomputed, not loaded.
     model.text.rotary = type(model.text.rotary)(config.text.head_dim, config.text.rope_theta).to(device)
+    model.generation_defaults = GenerationDefaults.from_pretrained(path, config)
     model.eval()
     return model
 

@@ -18,6 +18,7 @@ from torch import nn
 from .cache import KVCache
 from .config import Idefics2Config
 from .connector import Connector
+from .generation import GenerationDefaults, generate
 from .text import TextDecoder
 from .vision import VisionTransformer, patch_mask_from_pixel_mask
 
@@ -46,6 +47,8 @@ class Idefics2(nn.Module):
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.text.embed_tokens.weight
+        # Stop tokens and banned tokens for generate (replaced by generation_config.json on load).
+        self.generation_defaults = GenerationDefaults.for_config(config)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -99,11 +102,14 @@ class Idefics2(nn.Module):
         return self.connector(vision_features, patch_mask.flatten(1))
 
     def embed_inputs(
-        self, input_ids: torch.Tensor, image_features: torch.Tensor | None
+        self, input_ids: torch.Tensor, image_features: torch.Tensor | None, splice_images: bool = True
     ) -> torch.Tensor:
         """input_ids [B, T], image_features [I, n_latents, C] -> embeddings [B, T, C] with the
-        <image> rows replaced by the image features, in reading order."""
+        <image> rows replaced by the image features, in reading order. With
+        `splice_images=False` (tokens the model generated) an <image> is an ordinary token."""
         embeddings = self.text.embed_tokens(input_ids)
+        if not splice_images:
+            return embeddings
         image_positions = input_ids == self.config.image_token_id
         num_image_tokens = int(image_positions.sum())
         num_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
@@ -132,6 +138,7 @@ class Idefics2(nn.Module):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         last_token_only: bool = False,
+        splice_images: bool = True,
     ) -> torch.Tensor | Idefics2Output:
         """input_ids [B, T] long; attention_mask [B, T] (1 = real, 0 = left padding);
         pixel_values [B, N, 3, H, W]; pixel_attention_mask [B, N, H, W].
@@ -139,7 +146,8 @@ class Idefics2(nn.Module):
         Returns logits [B, T, vocab] (or [B, 1, vocab] with `last_token_only`), or an
         `Idefics2Output` with per-layer hidden states and image features when
         `output_hidden_states=True`. `image_features` (from `get_image_features`) may be passed
-        instead of pixels; `cache` continues a KV cache (see generation.py).
+        instead of pixels; `cache` continues a KV cache (see generation.py); `splice_images=False`
+        feeds generated tokens, where an <image> the model emitted has no image behind it.
         """
         _check_text_inputs(input_ids, attention_mask, self.config)
         if cache is None and input_ids.shape[1] > self.config.text.max_position_embeddings:
@@ -152,7 +160,7 @@ class Idefics2(nn.Module):
             if image_features is not None:
                 raise InputError("pass either pixel_values or image_features, not both")
             image_features = self.get_image_features(pixel_values, pixel_attention_mask, vision_hidden_states)
-        embeddings = self.embed_inputs(input_ids, image_features)
+        embeddings = self.embed_inputs(input_ids, image_features, splice_images)
         text_hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
         hidden = self.text(embeddings, attention_mask, cache, text_hidden_states)
         if last_token_only:
@@ -161,6 +169,10 @@ class Idefics2(nn.Module):
         if not output_hidden_states:
             return logits
         return Idefics2Output(logits, text_hidden_states, vision_hidden_states, image_features)
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, **options):
+        """-> LongTensor [B, T + new]; see `idefics2_mini.generation.generate` for the options."""
+        return generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask, **options)
 
     def new_cache(self, batch_size: int, max_tokens: int) -> KVCache:
         """An empty KV cache for `batch_size` rows and at most `max_tokens` tokens per row."""

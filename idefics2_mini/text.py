@@ -152,8 +152,8 @@ class TextDecoder(nn.Module):
 
 
 def position_ids_from_mask(token_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
-    """RoPE positions that skip left padding: real tokens count 0, 1, 2, ...; padding gets 1
+    """RoPE positions that skip left padding: real tokens count 0, 1, 2, ...; padding gets 0
     (what the reference's generate uses). token_mask [B, T] bool or None -> [B, T] long."""
     if token_mask is None:
         return torch.arange(length, device=device)[None].expand(batch, length)
-    return (token_mask.long().cumsum(dim=1) - 1).masked_fill(~token_mask, 1)
+    return (token_mask.long().cumsum(dim=1) - 1).masked_fill(~token_mask, 0)

@@ -88,7 +88,7 @@ def make_reference_checkpoint(path, seed: int = 0, scale: float = 1.0, **config_
 
 def reference_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """The position ids the reference's generate derives from a left-padded attention mask."""
-    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
 def image_prompt_ids(

@@ -1,0 +1,88 @@
+"""Peak memory while loading a multi-GB checkpoint, against the model's own size.
+
+    python benchmarks/load_memory.py [--gib 3] [--dtype float32|bfloat16]
+
+Builds (once, under weights/bench/) a random checkpoint in the official layout of about the
+requested size — the real 8B widths (vision 1152, text 4096/14336, vocab 32003) with as many
+decoder layers as fit — then loads it in a fresh process and reports the peak resident memory
+above that process's baseline (import of torch and the package), as a multiple of the loaded
+model's bytes. The target (issue 2): <= 1.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import idefics2_mini as im  # noqa: E402
+
+MEASURE = r"""
+import json, resource, sys, time, torch
+import idefics2_mini as im
+def rss_mib():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+base = rss_mib()
+dtype = getattr(torch, sys.argv[2])
+start = time.perf_counter()
+model = im.Idefics2.from_pretrained(sys.argv[1], dtype=dtype)
+seconds = time.perf_counter() - start
+model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(dict(base_mib=base, peak_mib=peak, after_mib=rss_mib(), model_mib=model_mib, seconds=seconds)))
+"""
+
+
+def build_checkpoint(path: Path, gib: float) -> None:
+    text_layer_bytes = 4 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    fixed = 4 * 2 * 32003 * 4096  # embeddings + lm_head
+    layers = max(1, int((gib * 2**30 - fixed) // text_layer_bytes))
+    config = im.Idefics2Config(
+        vision=im.VisionConfig(num_hidden_layers=1),
+        perceiver=im.PerceiverConfig(resampler_depth=1),
+        text=im.TextConfig(num_hidden_layers=layers),
+    )
+    with torch.device("meta"):
+        model = im.Idefics2(config)
+    # Random values, one tensor at a time, so building needs no more memory than one shard.
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02, generator=generator)
+    im.save_checkpoint(model, path, max_shard_bytes=2 * 2**30)
+    del model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gib", type=float, default=3.0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args()
+    path = ROOT / "weights" / "bench" / f"load-{args.gib:g}gib"
+    if not (path / "config.json").exists():
+        print(f"building a {args.gib:g} GiB checkpoint in {path} ...", flush=True)
+        build_checkpoint(path, args.gib)
+    result = json.loads(subprocess.run(
+        [sys.executable, "-c", MEASURE, str(path), args.dtype], check=True, capture_output=True, text=True,
+    ).stdout)
+    delta = result["peak_mib"] - result["base_mib"]
+    ratio = delta / result["model_mib"]
+    machine = f"{platform.processor() or platform.machine()}, {resource.getpagesize()} B pages"
+    print(f"machine: {machine}")
+    print(f"checkpoint: {path.name} loaded as {args.dtype}: model {result['model_mib']:.0f} MiB, "
+          f"load {result['seconds']:.1f} s")
+    print(f"peak RSS above baseline: {delta:.0f} MiB = {ratio:.2f}x the model (target <= 1.30x)")
+
+
+if __name__ == "__main__":
+    main()
