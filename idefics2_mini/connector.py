@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -16,6 +18,36 @@ import kernels
 
 from .config import Idefics2Config, PerceiverConfig
 from .layers import RMSNorm, SwiGLU
+from .packing import PackedImages
+
+
+@dataclass
+class PerceiverPacking:
+    """How packed latents meet their own image's packed patches.
+
+    key_order: [P + I*n] index into cat(context [P], latents [I*n]) giving, image after image,
+    that image's patches then its n latents; cu_seqlens_q / cu_seqlens_k: [I + 1] int32."""
+
+    key_order: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    latents_per_image: int
+    max_keys: int
+
+    @classmethod
+    def for_images(cls, packed: PackedImages, latents_per_image: int) -> PerceiverPacking:
+        device = packed.patches.device
+        lengths = packed.patches_per_image
+        total_patches = sum(lengths)
+        pieces, start = [], 0
+        for image, length in enumerate(lengths):
+            pieces.append(torch.arange(start, start + length, device=device))
+            first_latent = total_patches + image * latents_per_image
+            pieces.append(torch.arange(first_latent, first_latent + latents_per_image, device=device))
+            start += length
+        cu_seqlens_q = torch.arange(0, len(lengths) + 1, device=device, dtype=torch.int32) * latents_per_image
+        return cls(torch.cat(pieces), cu_seqlens_q, packed.cu_seqlens(latents_per_image), latents_per_image,
+                   max(lengths) + latents_per_image)
 
 
 class PerceiverAttention(nn.Module):
@@ -30,9 +62,25 @@ class PerceiverAttention(nn.Module):
         self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
 
-    def forward(self, latents: torch.Tensor, context: torch.Tensor, key_padding_mask: torch.Tensor | None):
-        """latents [N, n_latents, C], context [N, L, C], key_padding_mask [N, L + n_latents] bool
-        -> [N, n_latents, C]."""
+    def forward(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        packing: PerceiverPacking | None = None,
+    ) -> torch.Tensor:
+        """Padded: latents [N, n_latents, C], context [N, L, C], key_padding_mask [N, L + n_latents]
+        bool -> [N, n_latents, C]. Packed: latents [I*n, C], context [P, C] -> [I*n, C]."""
+        if packing is not None:
+            keys_in = torch.cat([context, latents]).index_select(0, packing.key_order)
+            q = self.q_proj(latents).view(latents.shape[0], self.num_heads, self.head_dim)
+            k = self.k_proj(keys_in).view(keys_in.shape[0], self.num_kv_heads, self.head_dim)
+            v = self.v_proj(keys_in).view(keys_in.shape[0], self.num_kv_heads, self.head_dim)
+            out = kernels.attention_varlen(
+                q, k, v, packing.cu_seqlens_q, packing.cu_seqlens_k, max_seqlen_q=packing.latents_per_image,
+                max_seqlen_k=packing.max_keys, scale=self.head_dim**-0.5,
+            )
+            return self.o_proj(out.reshape(latents.shape[0], -1))
         num_images, num_latents, _ = latents.shape
         keys_in = torch.cat([context, latents], dim=1)  # [N, L + n_latents, C]
         num_keys = keys_in.shape[1]
@@ -53,10 +101,11 @@ class PerceiverLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(width, eps)
         self.mlp = SwiGLU(width, 4 * width, width)
 
-    def forward(self, latents, context, key_padding_mask):
-        """latents [N, n_latents, C], context [N, L, C] -> latents [N, n_latents, C]."""
+    def forward(self, latents, context, key_padding_mask=None, packing: PerceiverPacking | None = None):
+        """latents [N, n_latents, C], context [N, L, C] -> latents [N, n_latents, C]
+        (packed: latents [I*n, C], context [P, C] -> [I*n, C])."""
         latents = latents + self.self_attn(
-            self.input_latents_norm(latents), self.input_context_norm(context), key_padding_mask
+            self.input_latents_norm(latents), self.input_context_norm(context), key_padding_mask, packing
         )
         return latents + self.mlp(self.post_attention_layernorm(latents))
 
@@ -80,6 +129,15 @@ class PerceiverResampler(nn.Module):
             latents = layer(latents, context, key_padding_mask)
         return self.norm(latents)
 
+    def forward_packed(self, context: torch.Tensor, packed: PackedImages) -> torch.Tensor:
+        """context [P, C] (packed patches of I images) -> [I, n_latents, C]."""
+        num_latents = self.latents.shape[0]
+        packing = PerceiverPacking.for_images(packed, num_latents)
+        latents = self.latents.repeat(packed.num_images, 1)  # [I*n, C]
+        for layer in self.layers:
+            latents = layer(latents, context, packing=packing)
+        return self.norm(latents).view(packed.num_images, num_latents, -1)
+
 
 class Connector(nn.Module):
     def __init__(self, config: Idefics2Config):
@@ -92,3 +150,7 @@ class Connector(nn.Module):
     def forward(self, vision_features: torch.Tensor, patch_mask: torch.Tensor | None) -> torch.Tensor:
         """vision_features [N, L, vision width], patch_mask [N, L] bool -> [N, n_latents, text width]."""
         return self.perceiver_resampler(self.modality_projection(vision_features), patch_mask)
+
+    def forward_packed(self, vision_features: torch.Tensor, packed: PackedImages) -> torch.Tensor:
+        """vision_features [P, vision width] (packed) -> [I, n_latents, text width]."""
+        return self.perceiver_resampler.forward_packed(self.modality_projection(vision_features), packed)

@@ -31,6 +31,11 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from .packing import pack_images
+
+# The vision tower's patch side (Idefics2-8B: 14); packed output is cut into patches of this size.
+PATCH_SIZE = 14
+
 ImageLike = Union[str, Path, PIL.Image.Image]
 
 
@@ -205,7 +210,9 @@ class Idefics2ImageProcessor:
 
     # ------------------------------------------------------------------ a batch
 
-    def __call__(self, images: ImageLike | Sequence[ImageLike] | Sequence[Sequence[ImageLike]]) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, images: ImageLike | Sequence[ImageLike] | Sequence[Sequence[ImageLike]], packed: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Process a batch.
 
         `images`: one image (-> B=1, N=1), a flat list of images (one sample with all of them,
@@ -213,10 +220,15 @@ class Idefics2ImageProcessor:
         fewer images, or none, and is padded with all-zero images). An image is a file path or
         a PIL image.
 
-        Returns {"pixel_values": [B, N, 3, H, W] float32, "pixel_attention_mask": [B, N, H, W] int64}.
+        Returns {"pixel_values": [B, N, 3, H, W] float32, "pixel_attention_mask": [B, N, H, W] int64};
+        with `packed=True`, {"pixel_values": PackedImages} instead: every image's own 14×14
+        patches on one axis, no padding (see packing.py; the model accepts both forms).
         """
         per_sample = self.as_nested_image_list(images)
         processed = [[crop for image in sample for crop in self.preprocess_image(image)] for sample in per_sample]
+        if packed:
+            tensors = [[torch.from_numpy(crop) for crop in sample] for sample in processed]
+            return {"pixel_values": pack_images(tensors, PATCH_SIZE)}
         return self.pad_batch(processed)
 
     @staticmethod

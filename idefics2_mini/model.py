@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .cache import KVCache
 from .config import Idefics2Config
 from .connector import Connector
 from .generation import GenerationDefaults, generate
+from .packing import PackedImages, pack_images, pack_padded
 from .text import TextDecoder
 from .vision import VisionTransformer, patch_mask_from_pixel_mask
 
@@ -47,6 +49,8 @@ class Idefics2(nn.Module):
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.text.embed_tokens.weight
+        # How the vision tower runs images of different sizes (see get_image_features).
+        self.image_layout = "auto"
         # Stop tokens and banned tokens for generate (replaced by generation_config.json on load).
         self.generation_defaults = GenerationDefaults.for_config(config)
 
@@ -69,18 +73,30 @@ class Idefics2(nn.Module):
     # ------------------------------------------------------------------ images
     def get_image_features(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | PackedImages | Sequence[Sequence[torch.Tensor]],
         pixel_attention_mask: torch.Tensor | None = None,
         vision_hidden_states_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """pixel_values [B, N, 3, H, W] (or [N, 3, H, W]); pixel_attention_mask [B, N, H, W]
-        (or [N, H, W]; None = all real) -> image features [I, n_latents, C] of the I real
-        (not all-zero) images, in batch order."""
+        """Image features [I, n_latents, C] of the I real images, in batch order, from either form:
+
+        - padded (the reference's): pixel_values [B, N, 3, H, W] (or [N, 3, H, W]) with
+          pixel_attention_mask [B, N, H, W] (None = all real); all-zero images are padding;
+        - packed: a `PackedImages`, or per-sample lists of unpadded [3, h, w] image tensors.
+
+        `self.image_layout` picks how the vision tower runs: "packed" (no padded patch is ever
+        computed), "padded", or "auto" (default): packed whenever some patch is padding — the
+        images differ in size — since then it does strictly less work; padded otherwise, where
+        both do the same work and batched attention needs no gathers.
+        """
+        if isinstance(pixel_values, (list, tuple)):
+            pixel_values = pack_images(pixel_values, self.config.vision.patch_size)
+        if isinstance(pixel_values, PackedImages):
+            return self._packed_image_features(pixel_values.to(self.device, self.dtype), vision_hidden_states_out)
         if pixel_values.dim() == 4:
             pixel_values = pixel_values[None]
             pixel_attention_mask = None if pixel_attention_mask is None else pixel_attention_mask[None]
         _check_pixel_inputs(pixel_values, pixel_attention_mask, self.config.vision.num_channels)
-        height, width = pixel_values.shape[-2:]
+        batch, slots, _, height, width = pixel_values.shape
         images = pixel_values.reshape(-1, *pixel_values.shape[2:]).to(self.dtype)
         # Samples with fewer images are padded with all-zero images; a real image never is
         # all zero after normalisation (black is -1), so this is how the reference drops them.
@@ -89,7 +105,7 @@ class Idefics2(nn.Module):
         if pixel_attention_mask is None:
             pixel_mask = torch.ones(images.shape[0], height, width, dtype=torch.bool, device=images.device)
         else:
-            pixel_mask = pixel_attention_mask.reshape(-1, height, width)[is_real]
+            pixel_mask = pixel_attention_mask.reshape(-1, height, width).to(images.device)[is_real]
         if images.shape[0] == 0:
             return images.new_zeros(0, self.config.image_seq_len, self.config.text.hidden_size)
         patch_mask = patch_mask_from_pixel_mask(pixel_mask, self.config.vision.patch_size)
@@ -98,8 +114,19 @@ class Idefics2(nn.Module):
                 "an image has no complete patch: its pixel_attention_mask covers less than "
                 f"{self.config.vision.patch_size}x{self.config.vision.patch_size} pixels"
             )
+        if self.image_layout not in ("auto", "packed", "padded"):
+            raise ValueError(f"image_layout must be 'auto', 'packed' or 'padded', got {self.image_layout!r}")
+        if self.image_layout == "packed" or (self.image_layout == "auto" and not bool(patch_mask.all())):
+            images_per_sample = is_real.view(batch, slots).sum(dim=1).tolist()
+            packed = pack_padded(images, patch_mask, images_per_sample, self.config.vision.patch_size)
+            if packed is not None:
+                return self._packed_image_features(packed, vision_hidden_states_out)
         vision_features = self.vision(images, patch_mask, vision_hidden_states_out)
         return self.connector(vision_features, patch_mask.flatten(1))
+
+    def _packed_image_features(self, packed: PackedImages, vision_hidden_states_out=None) -> torch.Tensor:
+        vision_features = self.vision.forward_packed(packed, vision_hidden_states_out)
+        return self.connector.forward_packed(vision_features, packed)
 
     def embed_inputs(
         self, input_ids: torch.Tensor, image_features: torch.Tensor | None, splice_images: bool = True
@@ -156,7 +183,7 @@ class Idefics2(nn.Module):
                 f"{self.config.text.max_position_embeddings} (text_config.max_position_embeddings)"
             )
         vision_hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
-        if pixel_values is not None:
+        if pixel_values is not None and not _is_empty_image_list(pixel_values):
             if image_features is not None:
                 raise InputError("pass either pixel_values or image_features, not both")
             image_features = self.get_image_features(pixel_values, pixel_attention_mask, vision_hidden_states)
@@ -219,6 +246,10 @@ def _check_pixel_inputs(pixel_values: torch.Tensor, pixel_attention_mask: torch.
                 f"pixel_attention_mask must be [batch, images, height, width] = {list(expected)}, "
                 f"got {list(pixel_attention_mask.shape)}"
             )
+
+
+def _is_empty_image_list(pixel_values) -> bool:
+    return isinstance(pixel_values, (list, tuple)) and not any(len(sample) for sample in pixel_values)
 
 
 def _describe(value) -> str:

@@ -182,18 +182,20 @@ class Idefics2Processor:
         self,
         text: str | Sequence[str] | None = None,
         images: ImageLike | Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
+        packed: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Tokenize prompts (with BOS, image tokens expanded) and process their images.
 
         Returns input_ids [B, T] int64 and attention_mask [B, T] int64 (left padding with id 0)
         when `text` is given, and pixel_values [B, N, 3, H, W] float32 and pixel_attention_mask
         [B, N, H, W] int64 when images are given. With text, the number of <image> tokens must
-        equal the number of images (per prompt for a list of lists).
+        equal the number of images (per prompt for a list of lists). With `packed=True` the
+        images come back as one `PackedImages` in pixel_values (no padding, no pixel mask).
         """
         if text is None and images is None:
             raise ValueError("Give text, images, or both")
         if text is None:
-            return self.image_processor(images)
+            return self.image_processor(images, packed=packed)
 
         prompts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -203,7 +205,7 @@ class Idefics2Processor:
         token_ids = [self.tokenizer.encode(self.expand_image_tokens(p), add_bos=True) for p in prompts]
         batch = self._left_pad(token_ids)
         if any(images_per_prompt):
-            batch.update(self.image_processor(images_per_prompt))
+            batch.update(self.image_processor(images_per_prompt, packed=packed))
         return batch
 
     def _left_pad(self, token_ids: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from torch import nn
 import kernels
 
 from .config import VisionConfig
+from .packing import PackedImages
 
 
 def patch_mask_from_pixel_mask(pixel_attention_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -73,6 +74,20 @@ class VisionEmbeddings(nn.Module):
         position_ids = navit_position_ids(patch_attention_mask, self.num_patches_per_side)
         return embeddings + self.position_embedding(position_ids)
 
+    def forward_packed(self, packed: PackedImages) -> torch.Tensor:
+        """Packed patches [P, 3, p, p] -> [P, C]. The conv with stride = kernel is a linear map
+        of each flattened patch; position ids come from each image's own grid."""
+        weight = self.patch_embedding.weight
+        embeddings = F.linear(packed.patches.flatten(1), weight.flatten(1), self.patch_embedding.bias)
+        ids_by_grid: dict[tuple[int, int], torch.Tensor] = {}
+        position_ids = []
+        for rows, cols in packed.grid_sizes.tolist():
+            if (rows, cols) not in ids_by_grid:
+                full_grid = torch.ones(1, rows, cols, dtype=torch.bool, device=weight.device)
+                ids_by_grid[rows, cols] = navit_position_ids(full_grid, self.num_patches_per_side)[0]
+            position_ids.append(ids_by_grid[rows, cols])
+        return embeddings + self.position_embedding(torch.cat(position_ids))
+
 
 class VisionAttention(nn.Module):
     """Bidirectional multi-head attention; padded patches are masked out as keys."""
@@ -86,8 +101,20 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [N, L, C], key_padding_mask [N, L] bool (True = real patch) -> [N, L, C]."""
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, packed: PackedImages | None = None
+    ) -> torch.Tensor:
+        """Padded: x [N, L, C], key_padding_mask [N, L] bool (True = real patch) -> [N, L, C].
+        Packed: x [P, C] with `packed` giving each image's length -> [P, C]."""
+        if packed is not None:
+            heads_shape = (x.shape[0], self.num_heads, self.head_dim)
+            cu_seqlens = packed.cu_seqlens()
+            out = kernels.attention_varlen(
+                self.q_proj(x).view(heads_shape), self.k_proj(x).view(heads_shape), self.v_proj(x).view(heads_shape),
+                cu_seqlens, cu_seqlens, max_seqlen_q=max(packed.patches_per_image),
+                max_seqlen_k=max(packed.patches_per_image), scale=self.head_dim**-0.5,
+            )
+            return self.out_proj(out.reshape(x.shape))
         num_images, length, width = x.shape
         heads_shape = (num_images, length, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(heads_shape).transpose(1, 2)  # [N, heads, L, head_dim]
@@ -117,8 +144,9 @@ class VisionEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), key_padding_mask)
+    def forward(self, x: torch.Tensor, key_padding_mask=None, packed: PackedImages | None = None) -> torch.Tensor:
+        """x [N, L, C] (padded) or [P, C] (packed) -> same shape."""
+        x = x + self.self_attn(self.layer_norm1(x), key_padding_mask, packed)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -157,6 +185,17 @@ class VisionTransformer(nn.Module):
             if hidden_states_out is not None:
                 hidden_states_out.append(x)
             x = layer(x, key_padding_mask)
+        if hidden_states_out is not None:
+            hidden_states_out.append(x)
+        return self.post_layernorm(x)
+
+    def forward_packed(self, packed: PackedImages, hidden_states_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Packed patches of I images -> post-layernorm features [P, C] (image after image)."""
+        x = self.embeddings.forward_packed(packed)
+        for layer in self.layers:
+            if hidden_states_out is not None:
+                hidden_states_out.append(x)
+            x = layer(x, packed=packed)
         if hidden_states_out is not None:
             hidden_states_out.append(x)
         return self.post_layernorm(x)
