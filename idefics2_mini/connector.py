@@ -17,7 +17,7 @@ from torch import nn
 import kernels
 
 from .config import Idefics2Config, PerceiverConfig
-from .layers import RMSNorm, SwiGLU
+from .layers import FusedProjections, RMSNorm, SwiGLU, project
 from .packing import PackedImages
 
 
@@ -61,6 +61,10 @@ class PerceiverAttention(nn.Module):
         self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
+        self.fused_kv: FusedProjections | None = None
+
+    def fuse(self) -> None:
+        self.fused_kv = FusedProjections([self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -73,9 +77,10 @@ class PerceiverAttention(nn.Module):
         bool -> [N, n_latents, C]. Packed: latents [I*n, C], context [P, C] -> [I*n, C]."""
         if packing is not None:
             keys_in = torch.cat([context, latents]).index_select(0, packing.key_order)
+            k, v = project(self.fused_kv, [self.k_proj, self.v_proj], keys_in)
             q = self.q_proj(latents).view(latents.shape[0], self.num_heads, self.head_dim)
-            k = self.k_proj(keys_in).view(keys_in.shape[0], self.num_kv_heads, self.head_dim)
-            v = self.v_proj(keys_in).view(keys_in.shape[0], self.num_kv_heads, self.head_dim)
+            k = k.view(keys_in.shape[0], self.num_kv_heads, self.head_dim)
+            v = v.view(keys_in.shape[0], self.num_kv_heads, self.head_dim)
             out = kernels.attention_varlen(
                 q, k, v, packing.cu_seqlens_q, packing.cu_seqlens_k, max_seqlen_q=packing.latents_per_image,
                 max_seqlen_k=packing.max_keys, scale=self.head_dim**-0.5,
@@ -84,9 +89,10 @@ class PerceiverAttention(nn.Module):
         num_images, num_latents, _ = latents.shape
         keys_in = torch.cat([context, latents], dim=1)  # [N, L + n_latents, C]
         num_keys = keys_in.shape[1]
+        k, v = project(self.fused_kv, [self.k_proj, self.v_proj], keys_in)
         q = self.q_proj(latents).view(num_images, num_latents, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(keys_in).view(num_images, num_keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(keys_in).view(num_images, num_keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = k.view(num_images, num_keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(num_images, num_keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
         out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(num_images, num_latents, -1))
 

@@ -1,4 +1,5 @@
-"""Building blocks shared by the connector and the decoder: RMSNorm and the SwiGLU MLP."""
+"""Building blocks shared by the tower, connector and decoder: RMSNorm, the SwiGLU MLP, and
+fused projections (several linears of one input served by one matrix multiply)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,50 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class FusedProjections:
+    """Linears that read the same input (q/k/v, gate/up), stored as ONE weight matrix whose row
+    blocks *are* the linears' parameters (views, no copy): one matmul instead of several, which
+    reads the weights in one pass and keeps all cores busy on small (decode) inputs.
+
+    The checkpoint names stay the linears' own (q_proj.weight, ...). Fusion lasts while the
+    parameters still live in the fused storage: moving or converting the model (`.to()`) makes
+    new, separate tensors, and `current()` then says so and the caller falls back to the
+    separate linears (call `Idefics2.fuse_projections()` again to re-fuse).
+    """
+
+    def __init__(self, linears: list[nn.Linear]):
+        with torch.no_grad():
+            self.weight = torch.cat([linear.weight for linear in linears])
+            has_bias = [linear.bias is not None for linear in linears]
+            self.bias = torch.cat([linear.bias for linear in linears]) if all(has_bias) else None
+            if any(has_bias) and not all(has_bias):
+                raise ValueError("cannot fuse linears where only some have a bias")
+        self.sizes = [linear.out_features for linear in linears]
+        self.linears = linears
+        start = 0
+        for linear, size in zip(linears, self.sizes):
+            linear.weight = nn.Parameter(self.weight[start : start + size], requires_grad=linear.weight.requires_grad)
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias[start : start + size], requires_grad=linear.bias.requires_grad)
+            start += size
+
+    def current(self) -> bool:
+        """True while the linears' parameters are still views of the fused matrix. Fusion is
+        for inference: with autograd on, the separate linears run (gradients reach them)."""
+        return self.linears[0].weight.data_ptr() == self.weight.data_ptr() and not torch.is_grad_enabled()
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., in] -> one output per linear, [..., out_i] each (views of one result)."""
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def project(fused: FusedProjections | None, linears: list[nn.Linear], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The linears applied to x: through the fused matrix when it is current, else one by one."""
+    if fused is not None and fused.current():
+        return fused(x)
+    return tuple(linear(x) for linear in linears)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), no biases (Mistral MLP, Idefics2 projector and perceiver MLP)."""
 
@@ -36,7 +81,12 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(in_width, hidden_width, bias=False)
         self.up_proj = nn.Linear(in_width, hidden_width, bias=False)
         self.down_proj = nn.Linear(hidden_width, out_width, bias=False)
+        self.fused_gate_up: FusedProjections | None = None
+
+    def fuse(self) -> None:
+        self.fused_gate_up = FusedProjections([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_width] -> [..., out_width]."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(self.fused_gate_up, [self.gate_proj, self.up_proj], x)
+        return self.down_proj(F.silu(gate) * up)

@@ -222,6 +222,7 @@ def load_model(
     # Non-persistent buffers (RoPE frequencies) are recomputed, not loaded.
     model.text.rotary = type(model.text.rotary)(config.text.head_dim, config.text.rope_theta).to(device)
     model.generation_defaults = GenerationDefaults.from_pretrained(path, config)
+    model.fuse_projections()
     model.eval()
     return model
 

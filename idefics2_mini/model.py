@@ -201,6 +201,15 @@ class Idefics2(nn.Module):
         """-> LongTensor [B, T + new]; see `idefics2_mini.generation.generate` for the options."""
         return generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask, **options)
 
+    def fuse_projections(self) -> Idefics2:
+        """Serve q/k/v (and the perceiver's k/v) and every SwiGLU's gate/up with one matrix each,
+        without copying (the separate parameters become views of it; names unchanged).
+        Done by `from_pretrained`; redo it after moving or converting the model."""
+        for module in self.modules():
+            if hasattr(module, "fuse") and module is not self:
+                module.fuse()
+        return self
+
     def new_cache(self, batch_size: int, max_tokens: int) -> KVCache:
         """An empty KV cache for `batch_size` rows and at most `max_tokens` tokens per row."""
         text = self.config.text

@@ -13,7 +13,7 @@ import kernels
 
 from .cache import KVCache
 from .config import TextConfig
-from .layers import RMSNorm, SwiGLU
+from .layers import FusedProjections, RMSNorm, SwiGLU, project
 
 
 class RotaryEmbedding(nn.Module):
@@ -51,6 +51,10 @@ class TextAttention(nn.Module):
         self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
+        self.fused_qkv: FusedProjections | None = None
+
+    def fuse(self) -> None:
+        self.fused_qkv = FusedProjections([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -62,9 +66,10 @@ class TextAttention(nn.Module):
     ) -> torch.Tensor:
         """x [B, T, C]; cos/sin [B, 1, T, D]; token_mask [B, T] bool (None = no padding) -> [B, T, C]."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(self.fused_qkv, [self.q_proj, self.k_proj, self.v_proj], x)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         scale = self.head_dim**-0.5
 

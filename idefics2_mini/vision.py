@@ -16,6 +16,7 @@ from torch import nn
 import kernels
 
 from .config import VisionConfig
+from .layers import FusedProjections, project
 from .packing import PackedImages
 
 
@@ -100,26 +101,31 @@ class VisionAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.fused_qkv: FusedProjections | None = None
+
+    def fuse(self) -> None:
+        self.fused_qkv = FusedProjections([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, packed: PackedImages | None = None
     ) -> torch.Tensor:
         """Padded: x [N, L, C], key_padding_mask [N, L] bool (True = real patch) -> [N, L, C].
         Packed: x [P, C] with `packed` giving each image's length -> [P, C]."""
+        q, k, v = project(self.fused_qkv, [self.q_proj, self.k_proj, self.v_proj], x)
         if packed is not None:
             heads_shape = (x.shape[0], self.num_heads, self.head_dim)
             cu_seqlens = packed.cu_seqlens()
             out = kernels.attention_varlen(
-                self.q_proj(x).view(heads_shape), self.k_proj(x).view(heads_shape), self.v_proj(x).view(heads_shape),
+                q.view(heads_shape), k.view(heads_shape), v.view(heads_shape),
                 cu_seqlens, cu_seqlens, max_seqlen_q=max(packed.patches_per_image),
                 max_seqlen_k=max(packed.patches_per_image), scale=self.head_dim**-0.5,
             )
             return self.out_proj(out.reshape(x.shape))
         num_images, length, width = x.shape
         heads_shape = (num_images, length, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(heads_shape).transpose(1, 2)  # [N, heads, L, head_dim]
-        k = self.k_proj(x).view(heads_shape).transpose(1, 2)
-        v = self.v_proj(x).view(heads_shape).transpose(1, 2)
+        q = q.view(heads_shape).transpose(1, 2)  # [N, heads, L, head_dim]
+        k = k.view(heads_shape).transpose(1, 2)
+        v = v.view(heads_shape).transpose(1, 2)
         out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=self.head_dim**-0.5)
         return self.out_proj(out.transpose(1, 2).reshape(num_images, length, width))
 

@@ -63,23 +63,22 @@ def test_incremental_decoding_equals_full_forward(peaked_pair):
     _, ours, _ = peaked_pair
     batch = image_batch()
     prompt_len = batch["input_ids"].shape[1]
-    step_logits = []
-    out = ours.generate(**batch, max_new_tokens=20, eos_token_id=[], streamer=None)
-    # Re-run the steps by hand through the cache, recording each step's logits.
+    out = ours.generate(**batch, max_new_tokens=20, eos_token_id=[])
+    # Replay the generated tokens through a cache one at a time, keeping each step's logits.
     cache = ours.new_cache(2, prompt_len + 20)
     with torch.no_grad():
-        logits = ours(**batch, cache=cache, last_token_only=True)
-        for step in range(20):
-            step_logits.append(logits[:, -1])
-            logits = ours(out[:, prompt_len + step : prompt_len + step + 1], torch.ones(2, 1), cache=cache,
-                          last_token_only=True) if step < 19 else logits
+        step_logits = [ours(**batch, cache=cache, last_token_only=True)[:, -1]]
+        for step in range(19):
+            token = out[:, prompt_len + step : prompt_len + step + 1]
+            step_logits.append(ours(token, torch.ones(2, 1), cache=cache, last_token_only=True)[:, -1])
         full_mask = torch.cat([batch["attention_mask"], torch.ones(2, 20, dtype=torch.long)], dim=1)
         full = ours(out, full_mask, batch["pixel_values"], batch["pixel_attention_mask"])
     incremental = torch.stack(step_logits, dim=1).log_softmax(-1)
     rescored = full[:, prompt_len - 1 : -1].log_softmax(-1)
     chosen = out[:, prompt_len:, None]
     assert (incremental.gather(2, chosen) - rescored.gather(2, chosen)).abs().max() <= 1e-4
-    assert (incremental - rescored).abs().max() <= 1e-4
+    # Over the whole vocabulary (log-probs down to about -30 with these peaked weights): relative.
+    assert (incremental - rescored).abs().max() <= 1e-5 * rescored.abs().max()
 
 
 def test_multi_turn_cache_equals_one_long_prompt(peaked_pair):

@@ -116,3 +116,26 @@ def test_empty_folder_and_missing_folder(tmp_path):
     im.Idefics2Config.from_dict({}).save(tmp_path)  # a config but no weights
     with pytest.raises(im.CheckpointError, match="neither model.safetensors nor"):
         im.Idefics2.from_pretrained(tmp_path)
+
+
+def test_projections_are_fused_without_copies(checkpoint):
+    model = im.Idefics2.from_pretrained(checkpoint)
+    attention = model.text.layers[0].self_attn
+    fused = attention.fused_qkv
+    assert fused is not None
+    assert attention.q_proj.weight.data_ptr() == fused.weight.data_ptr()  # a view, not a copy
+    assert attention.k_proj.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+    names = {name for name, _ in model.named_parameters()}
+    assert "text.layers.0.self_attn.q_proj.weight" in names and not any("fused" in n for n in names)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        fused_logits = model(ids)
+        assert fused.current()
+    unfused_logits = model(ids)  # autograd on: the separate linears run
+    assert (fused_logits - unfused_logits).abs().max() <= 1e-5
+    moved = model.to(torch.float64)  # new tensors: fusion no longer current, results still right
+    with torch.no_grad():
+        assert not fused.current()
+        assert (moved(ids).float() - fused_logits).abs().max() <= 1e-4
+        moved.fuse_projections()
+        assert attention.fused_qkv.current() and attention.fused_qkv.weight.dtype == torch.float64
