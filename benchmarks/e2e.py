@@ -1,0 +1,751 @@
+"""End-to-end benchmark: this project against the reference (transformers), side by side.
+
+    python benchmarks/e2e.py                      # tiny + wide (+ the full 8B on CUDA); ~10 min on 2 CPU cores
+    python benchmarks/e2e.py --tag fused-qkv      # also keep this run as e2e-fused-qkv.{md,csv,png}
+    python benchmarks/e2e.py --models wide --impls ours     # a subset (ratios need both impls)
+    python benchmarks/e2e.py --quick              # smoke run: tiny only, 1 repeat (used by the tests)
+
+What it does
+------------
+1. Builds, once, random checkpoints in the official safetensors layout under weights/bench/
+   (git-ignored), loadable by both implementations:
+     tiny  small widths and 4 decoder layers, but the real vocabulary (32003), the real vision
+           grid (980 px, patch 14) and 64 latents, so real processor outputs fit: the per-token
+           Python/dispatch overhead dominates here;
+     wide  the real Idefics2-8B widths (vision 1152/4304/16 heads, the full perceiver: 4096 wide,
+           16/4 heads x 96, depth 3; decoder 4096/14336, 32/8 heads, vocab 32003) with only 2
+           vision and 2 decoder layers so that it fits a CPU: matrix products dominate;
+     full  the real 8B, in bf16 - only when CUDA is available.
+2. Makes the inputs once with this project's processor (the reference processor produces the same
+   tensors, see tests/test_processor.py), so both implementations get identical tensors:
+     - one deterministic 980x653 PIL image + a ~30-token question, without and with image
+       splitting (1 or 5 crops);
+     - 8 text-only prompts of different lengths (batch 1 uses the first one).
+3. Runs every (model, implementation) in its own fresh Python process with the same
+   torch.set_num_threads, after reading the checkpoint files once so the page cache is warm for
+   both. Each process measures:
+     load     wall seconds of `from_pretrained` (fp32 on CPU); the median over `--repeats` fresh
+              processes (the first is the measuring process, the others only load);
+     prefill  wall seconds of generating 1 token for the image prompt (= time to first token
+              given the processed tensors: vision tower + connector + decoder prefill + lm_head);
+     decode   tokens/s at batch 1 and 8 on the text prompts: (t(33 new tokens) - t(1 new token))
+              / 32 steps, from the medians of t(33) and t(1); greedy, stopping disabled so every
+              run makes exactly the requested tokens;
+     memory   peak resident set size (ru_maxrss) of the process, after loading and at the end;
+              on CUDA also torch.cuda.max_memory_allocated.
+   Every timed call runs once untimed first (warm-up); timings are medians of `--repeats` runs.
+4. Reports decode also as achieved memory bandwidth: bytes a decode step must read (every decoder
+   weight, the final norm and the full lm_head; the embedding table only for the B gathered rows;
+   plus the K and V cache up to the average context length of the measured steps) times steps/s,
+   against this machine's read bandwidth measured here (median time of `torch.sum` over a 1 GiB
+   fp32 tensor at the same thread count; see benchmarks/common.py).
+5. Writes benchmarks/results/<machine>/e2e.md and e2e.csv (and e2e.png when matplotlib imports);
+   with `--tag T` also e2e-T.{md,csv,png}, so a baseline and later runs sit side by side.
+
+The targets of issue 7 are checked in the table ("met"): on CPU, fp32, both in one run:
+decode tokens/s tiny >= 4x and wide >= 1.25x the reference (batch 1 and 8), wide decode at batch
+1 >= 80% of the measured read bandwidth (batch 8 is compute-bound on a few cores, so it is shown
+without a target), prefill wide <= 1.0x the reference's time, load <= 0.5x, peak memory <= the
+reference's; on a GPU the full 8B in bf16 at batch 1 decodes >= 2x the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# Run as a script, this folder comes first on the import path, and its kernels.py would then
+# shadow the `kernels` package the model imports: drop the folder, import from the repo root.
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+
+RESULT_PREFIX = "E2E-RESULT "  # the child's last stdout line: this prefix + a JSON object
+IMPLS = ("ours", "reference")
+
+
+# ============================================================================ models and inputs
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    description: str
+    dtype: str  # "float32" | "bfloat16": checkpoint and run dtype
+    repeats: int  # timed runs per decode measurement, and fresh processes for the load time
+    prefill_repeats: int  # timed runs per prefill measurement
+    # Prefill inputs run once untimed before timing. The wide model's prefill takes tens of seconds
+    # on a CPU, where one-time costs are lost in the noise: it warms up on the unsplit image only.
+    prefill_warmup: tuple[str, ...] = ("image", "image_split")
+    needs_cuda: bool = False
+
+    def config(self):
+        import idefics2_mini as im  # noqa: PLC0415
+
+        if self.name == "tiny":
+            return im.Idefics2Config(
+                vision=im.VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=980, patch_size=14),
+                perceiver=im.PerceiverConfig(hidden_size=128, resampler_n_latents=64, resampler_depth=2,
+                                             resampler_n_heads=4, resampler_head_dim=32, num_key_value_heads=2),
+                text=im.TextConfig(vocab_size=32003, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+            )
+        if self.name == "wide":
+            return im.Idefics2Config(
+                vision=im.VisionConfig(num_hidden_layers=2),
+                perceiver=im.PerceiverConfig(),  # full: 4096 wide, 16/4 heads x 96, depth 3
+                text=im.TextConfig(num_hidden_layers=2),
+            )
+        if self.name == "full":
+            return im.Idefics2Config()
+        raise KeyError(self.name)
+
+
+MODELS = {
+    "tiny": BenchModel("tiny", "text 128 wide x 4 layers, vision 64 wide x 2 layers, perceiver 2 layers, "
+                       "vocab 32003, 64 latents", "float32", repeats=5, prefill_repeats=5),
+    "wide": BenchModel("wide", "real 8B widths; 2 vision layers, full perceiver (3 layers), 2 text layers, "
+                       "vocab 32003", "float32", repeats=3, prefill_repeats=2, prefill_warmup=("image",)),
+    "full": BenchModel("full", "the real Idefics2-8B shape (27 vision, 3 perceiver, 32 text layers)", "bfloat16",
+                       repeats=5, prefill_repeats=5, needs_cuda=True),
+}
+
+IMAGE_PROMPT = ("User:<image>Describe this picture in detail: the objects in it, their colours, the light, "
+                "and any text you can read.<end_of_utterance>\nAssistant:")
+TEXT_PROMPTS = [
+    "User: Write a short story about a lighthouse keeper who finds a message in a bottle.<end_of_utterance>\nAssistant:",
+    "User: What is the capital of France?<end_of_utterance>\nAssistant:",
+    "User: Explain in simple words why the sky is blue during the day and red at sunset.<end_of_utterance>\nAssistant:",
+    "User: List three fruits.<end_of_utterance>\nAssistant:",
+    "User: Translate 'good morning, how are you today?' into German and Italian.<end_of_utterance>\nAssistant:",
+    "User: How many legs does a spider have, and how many does an insect have?<end_of_utterance>\nAssistant:",
+    "User: Give me a recipe idea with tomatoes, basil and some cheese.<end_of_utterance>\nAssistant:",
+    "User: Hello!<end_of_utterance>\nAssistant:",
+]
+IMAGE_WIDTH, IMAGE_HEIGHT = 980, 653
+
+
+def make_image():
+    """A deterministic 980x653 RGB image with smooth gradients, stripes and a few shapes."""
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    y, x = np.mgrid[0:IMAGE_HEIGHT, 0:IMAGE_WIDTH].astype(np.float32)
+    red = 255 * x / IMAGE_WIDTH
+    green = 255 * y / IMAGE_HEIGHT
+    blue = 127.5 + 127.5 * np.sin(x / 23.0) * np.cos(y / 17.0)
+    image = Image.fromarray(np.stack([red, green, blue], axis=-1).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((100, 80, 380, 360), fill=(240, 200, 30))
+    draw.rectangle((520, 300, 900, 600), fill=(20, 60, 160))
+    draw.text((540, 320), "idefics2_mini benchmark", fill=(255, 255, 255))
+    return image
+
+
+def make_inputs(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Process the prompts once and save the tensors both implementations will get."""
+    from idefics2_mini.processor import Idefics2Processor  # noqa: PLC0415
+
+    image = make_image()
+    inputs = {
+        "image": Idefics2Processor.from_pretrained(None, do_image_splitting=False)(text=IMAGE_PROMPT, images=[image]),
+        "image_split": Idefics2Processor.from_pretrained(None, do_image_splitting=True)(
+            text=IMAGE_PROMPT, images=[image]),
+        "text_b1": Idefics2Processor.from_pretrained(None)(text=TEXT_PROMPTS[:1]),
+        "text_b8": Idefics2Processor.from_pretrained(None)(text=TEXT_PROMPTS),
+    }
+    torch.save(inputs, path)
+    return inputs
+
+
+# ============================================================================ checkpoints
+
+
+def checkpoint_path(weights_dir: Path, model: BenchModel) -> Path:
+    return weights_dir / f"e2e-{model.name}"
+
+
+def build_checkpoint(model: BenchModel, path: Path) -> None:
+    """Random weights in the official layout, written once; a marker file holding the config
+    says the build finished (a changed config is rebuilt). Built in a temporary folder and
+    renamed, so an interrupted build never leaves a half-written checkpoint behind."""
+    import idefics2_mini as im  # noqa: PLC0415
+
+    config = model.config()
+    marker = json.dumps(config.to_dict(), sort_keys=True)
+    if (path / "BUILT").is_file() and (path / "BUILT").read_text() == marker:
+        return
+    dtype = getattr(torch, model.dtype)
+    print(f"  building the {model.name} checkpoint in {path} ...", flush=True)
+    start = time.perf_counter()
+    with torch.device("meta"):
+        network = im.Idefics2(config).to(dtype)
+    network.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if param.dim() >= 2:
+                table = any(key in name for key in ("embed_tokens", "position_embedding", "latents"))
+                std = 1.0 if table else 1.0 / math.sqrt(param[0].numel())
+                param.normal_(0.0, std, generator=generator)
+            elif name.endswith("weight"):  # LayerNorm / RMSNorm scales
+                param.fill_(1.0)
+            else:  # biases
+                param.zero_()
+    staging = path.with_name(path.name + f".building-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    im.save_checkpoint(network, staging, max_shard_bytes=2 * 2**30)
+    del network
+    (staging / "BUILT").write_text(marker)
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+    print(f"  built in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read every checkpoint file once so both implementations load from a warm page cache."""
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            while f.read(64 * 2**20):
+                pass
+
+
+# ============================================================================ the measuring process
+
+
+def _log(spec: dict, message: str) -> None:
+    print(f"    [{spec['model']} / {spec['impl']}] {message}", file=sys.stderr, flush=True)
+
+
+def child_main(spec: dict) -> dict:
+    """Runs in a fresh process: load one implementation and measure it (see the module doc)."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    path = spec["checkpoint"]
+    result: dict = {"rss_start_mib": common.peak_rss_mib()}
+
+    start = time.perf_counter()
+    if spec["impl"] == "ours":
+        import idefics2_mini as im  # noqa: PLC0415
+
+        result["import_s"] = time.perf_counter() - start
+
+        def load():
+            return im.Idefics2.from_pretrained(path, dtype=dtype, device=device)
+
+        def generate(model, batch, new_tokens):
+            return model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
+    else:
+        import transformers  # noqa: PLC0415
+        from transformers import Idefics2ForConditionalGeneration  # noqa: PLC0415
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        result["import_s"] = time.perf_counter() - start
+
+        def load():
+            kwargs = {"device_map": str(device)} if device.type == "cuda" else {}
+            return Idefics2ForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs).eval()
+
+        def generate(model, batch, new_tokens):
+            with torch.inference_mode():
+                return model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=False, pad_token_id=0)
+
+    common.synchronize(device)
+    start = time.perf_counter()
+    model = load()
+    common.synchronize(device)
+    result["load_s"] = time.perf_counter() - start
+    result["rss_after_load_mib"] = common.peak_rss_mib()
+    _log(spec, f"loaded in {result['load_s']:.2f} s (peak RSS {result['rss_after_load_mib']:.0f} MiB)")
+    if spec["load_only"]:
+        return result
+
+    inputs = torch.load(spec["inputs"])
+    for batch in inputs.values():
+        for key, value in batch.items():
+            batch[key] = value.to(device)
+            if key == "pixel_values":
+                batch[key] = batch[key].to(dtype)
+    repeats, new_tokens = spec["repeats"], spec["new_tokens"]
+
+    prefills = {"image": "prefill_s", "image_split": "prefill_split_s"}
+    for key in spec["prefill_warmup"]:
+        generate(model, inputs[key], 1)
+    raw = {key: [] for key in prefills}
+    for _ in range(spec["prefill_repeats"]):  # interleaved, so a slow spell of the machine hits both
+        for key in prefills:
+            raw[key].append(common.time_once(lambda: generate(model, inputs[key], 1), device))
+    for key, name in prefills.items():
+        batch = inputs[key]
+        result[name] = statistics.median(raw[key])
+        result[name.replace("_s", "_tokens")] = int(batch["input_ids"].shape[1])
+        result.setdefault("raw", {})[key] = raw[key]
+        _log(spec, f"prefill {key}: {result[name]:.3f} s ({batch['input_ids'].shape[1]} tokens, "
+                   f"{batch['pixel_values'].shape[1]} crop(s)); runs {', '.join(f'{t:.3g}' for t in raw[key])}")
+
+    for key in ("text_b1", "text_b8"):
+        batch = inputs[key]
+        size, prompt_len = batch["input_ids"].shape
+        generate(model, batch, 1)  # warm-up
+        out = generate(model, batch, new_tokens)
+        short, long = [], []
+        for _ in range(repeats):  # interleaved, so a slow spell of the machine hits both
+            short.append(common.time_once(lambda: generate(model, batch, 1), device))
+            long.append(common.time_once(lambda: generate(model, batch, new_tokens), device))
+        step_s = (statistics.median(long) - statistics.median(short)) / (new_tokens - 1)
+        result[f"decode_{key[-2:]}"] = dict(
+            batch=size, prompt_tokens=prompt_len, step_s=step_s, tokens_per_s=size / step_s,
+            t1_s=statistics.median(short), tn_s=statistics.median(long),
+        )
+        result["raw"][f"{key}_t1"], result["raw"][f"{key}_t{new_tokens}"] = short, long
+        if key == "text_b1":
+            result["tokens_b1"] = out[0, prompt_len:].tolist()
+        _log(spec, f"decode batch {size}: {size / step_s:.1f} tokens/s ({1e3 * step_s:.1f} ms/step); runs "
+                   f"t(1) {', '.join(f'{t:.3g}' for t in short)}; t({new_tokens}) {', '.join(f'{t:.3g}' for t in long)}")
+
+    result["peak_rss_mib"] = common.peak_rss_mib()
+    if device.type == "cuda":
+        result["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def run_child(spec: dict) -> dict:
+    """Start a fresh interpreter for `spec`; its progress goes to our stderr, its result to us.
+
+    Also records how much CPU *other* processes used while it ran ("others_cpu": a fraction of
+    all cores; the machine's busy time from /proc/stat minus the child's own CPU time), so a run
+    disturbed by a neighbour is visible in the results rather than silently slower."""
+    common.wait_for_quiet_machine(spec["max_wait_s"], log=lambda m: print(m, flush=True))
+    busy_before, own_before = common.cpu_busy_seconds(), _children_cpu_seconds()
+    start = time.perf_counter()
+    process = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    wall = time.perf_counter() - start
+    lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if process.returncode != 0 or not lines:
+        raise RuntimeError(f"the {spec['impl']} process for {spec['model']} failed (exit {process.returncode}); "
+                           f"its error is printed above")
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    busy_after = common.cpu_busy_seconds()
+    if busy_before is not None and busy_after is not None:
+        others = (busy_after - busy_before) - (_children_cpu_seconds() - own_before)
+        result["others_cpu"] = max(0.0, others) / (wall * common.usable_cores())
+    return result
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ============================================================================ bytes per decode step
+
+
+def decode_bytes_per_step(config, batch: int, context: float, element_bytes: int) -> float:
+    """Bytes one decode step must read: every decoder weight (attention, MLP, both norms per layer),
+    the final norm, the whole lm_head, the B gathered embedding rows, and the K and V cache of
+    `context` tokens per row (capped at the sliding window)."""
+    text = config.text
+    width, q_width, kv_width = text.hidden_size, text.num_attention_heads * text.head_dim, \
+        text.num_key_value_heads * text.head_dim
+    per_layer = (width * q_width + 2 * width * kv_width + q_width * width  # q, k, v, o
+                 + 3 * width * text.intermediate_size + 2 * width)  # gate, up, down; 2 RMSNorms
+    weights = text.num_hidden_layers * per_layer + width + text.vocab_size * width + batch * width
+    if text.sliding_window is not None:
+        context = min(context, text.sliding_window)
+    kv = text.num_hidden_layers * 2 * batch * kv_width * context
+    return (weights + kv) * element_bytes
+
+
+# ============================================================================ report
+
+
+@dataclass
+class Row:
+    model: str
+    metric: str
+    unit: str
+    ours: float | None
+    reference: float | None
+    better: str  # "lower" | "higher"
+    target: str = ""  # e.g. "ours/ref >= 4"
+    target_ratio: float | None = None
+    target_on: str = "ratio"  # "ratio" (ours/reference) or "ours" (the value itself)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ours is None or self.reference is None or self.reference == 0:
+            return None
+        return self.ours / self.reference
+
+    @property
+    def met(self) -> str:
+        if self.target_ratio is None:
+            return ""
+        value = self.ratio if self.target_on == "ratio" else self.ours
+        if value is None:
+            return "?"
+        ok = value >= self.target_ratio if self.better == "higher" else value <= self.target_ratio
+        return "yes" if ok else "NO"
+
+
+def build_rows(model: BenchModel, config, results: dict[str, dict], read_gbs: float) -> list[Row]:
+    ours, ref = results.get("ours"), results.get("reference")
+
+    def get(result, key, sub=None):
+        if result is None or key not in result:
+            return None
+        return result[key] if sub is None else result[key][sub]
+
+    def median_load(result):
+        return None if result is None else statistics.median(result["load_runs_s"])
+
+    cpu_targets = model.name in ("tiny", "wide")
+    decode_target = {"tiny": 4.0, "wide": 1.25, "full": 2.0}.get(model.name)
+    rows = [
+        Row(model.name, "load (from_pretrained)", "s", median_load(ours), median_load(ref), "lower",
+            "ours/ref <= 0.5" if cpu_targets else "", 0.5 if cpu_targets else None),
+        Row(model.name, "import of the package", "s", get(ours, "import_s"), get(ref, "import_s"), "lower"),
+    ]
+    image = results.get("ours") or results.get("reference")
+    for key, label in (("prefill_s", "no split"), ("prefill_split_s", "split, 5 crops")):
+        tokens = get(image, key.replace("_s", "_tokens"))
+        wide = model.name == "wide"
+        rows.append(Row(model.name, f"prefill 980x653 image, {label} ({tokens} tokens)", "s", get(ours, key),
+                        get(ref, key), "lower", "ours/ref <= 1.0" if wide else "", 1.0 if wide else None))
+    for size in ("b1", "b8"):
+        batch = get(image, f"decode_{size}", "batch")
+        applies = decode_target is not None and (size == "b1" or model.name != "full")
+        rows.append(Row(model.name, f"decode batch {batch}", "tokens/s", get(ours, f"decode_{size}", "tokens_per_s"),
+                        get(ref, f"decode_{size}", "tokens_per_s"), "higher",
+                        f"ours/ref >= {decode_target:g}" if applies else "", decode_target if applies else None))
+    element = torch.finfo(getattr(torch, model.dtype)).bits // 8
+    for size in ("b1", "b8"):
+        if image is None:
+            continue
+        decode = image[f"decode_{size}"]
+        context = decode["prompt_tokens"] + decode_target_steps(image) / 2
+        step_bytes = decode_bytes_per_step(config, decode["batch"], context, element)
+
+        def gbs(result):
+            step = get(result, f"decode_{size}", "step_s")
+            return None if step is None else step_bytes / step / 1e9
+
+        applies = model.name == "wide" and size == "b1"
+        rows.append(Row(model.name, f"decode batch {decode['batch']} as read bandwidth "
+                                    f"({step_bytes / 1e9:.3g} GB/step)", "GB/s", gbs(ours), gbs(ref), "higher"))
+        fraction = lambda result: None if gbs(result) is None else gbs(result) / read_gbs  # noqa: E731
+        rows.append(Row(model.name, f"decode batch {decode['batch']}: share of measured read bandwidth",
+                        "fraction", fraction(ours), fraction(ref), "higher",
+                        "ours >= 0.80" if applies else "", 0.8 if applies else None, target_on="ours"))
+    rows.append(Row(model.name, "peak RSS after load", "MiB", get(ours, "rss_after_load_mib"),
+                    get(ref, "rss_after_load_mib"), "lower"))
+    rows.append(Row(model.name, "peak RSS of the whole run", "MiB", get(ours, "peak_rss_mib"), get(ref, "peak_rss_mib"),
+                    "lower", "ours/ref <= 1.0" if cpu_targets else "", 1.0 if cpu_targets else None))
+    if get(ours, "cuda_peak_mib") or get(ref, "cuda_peak_mib"):
+        rows.append(Row(model.name, "peak CUDA memory allocated", "MiB", get(ours, "cuda_peak_mib"),
+                        get(ref, "cuda_peak_mib"), "lower"))
+    return rows
+
+
+def decode_target_steps(result: dict) -> int:
+    return result.get("new_tokens", 33)
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "fraction":
+        return f"{100 * value:.1f}%"
+    if unit == "MiB":
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+
+
+def write_results(out_dir: Path, stems: list[str], info: dict, args, bandwidth_note: str,
+                  model_notes: dict[str, list[str]], rows: list[Row], all_results: dict[str, dict[str, dict]]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/e2e.py" + "".join(f" {a}" for a in sys.argv[1:])
+    lines = [
+        f"# End-to-end benchmark: idefics2_mini vs transformers — {info['device']}",
+        "",
+        f"- machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM"
+        + (f"; GPU {info['device']} (CUDA {info['cuda']})" if "cuda" in info else ""),
+        f"- torch {info['torch']}, transformers {args.transformers_version}, python {info['python']}, "
+        f"{info['threads']} torch threads (both implementations), {info['date']}",
+        f"- run: `{command}`" + (f" (tag `{args.tag}`)" if args.tag else ""),
+        f"- measured read bandwidth: {bandwidth_note}",
+        f"- decode = (t({args.new_tokens} new tokens) - t(1 new token)) / {args.new_tokens - 1}, greedy, stopping "
+        "off; prefill = generate 1 token for the image prompt; medians after a warm-up (counts per model "
+        "below); every (model, implementation) in its own fresh process, page cache warm",
+        "- ratio = ours / reference: below 1 is better for times and memory, above 1 for tokens/s and GB/s",
+        "",
+    ]
+    targets = [r for r in rows if r.target]
+    if targets:
+        lines += ["## Targets (issue 7)", "", "| model | metric | target | ours/ref | ours | met |",
+                  "|---|---|---|---:|---:|:---:|"]
+        for r in targets:
+            lines.append(f"| {r.model} | {r.metric} | {r.target} | {fmt(r.ratio, 'ratio')} | {fmt(r.ours, r.unit)} "
+                         f"| {r.met} |")
+        lines.append("")
+    for name in dict.fromkeys(r.model for r in rows):
+        lines += [f"## {name}", ""] + [f"- {note}" for note in model_notes[name]] + [
+            "", "| metric | unit | ours | reference | ours/ref | target | met |", "|---|---|---:|---:|---:|---|:---:|"]
+        for r in rows:
+            if r.model == name:
+                lines.append(f"| {r.metric} | {r.unit} | {fmt(r.ours, r.unit)} | {fmt(r.reference, r.unit)} | "
+                             f"{fmt(r.ratio, 'ratio')} | {r.target} | {r.met} |")
+        lines.append("")
+    lines += ["## Raw timings (s)", "", "Every timed run, to judge the spread (medians above).", ""]
+    for name, results in all_results.items():
+        for impl, result in results.items():
+            runs = {"load": result["load_runs_s"], **result.get("raw", {})}
+            lines.append(f"- {name} / {impl}: " + "; ".join(
+                f"{key} " + ", ".join(f"{t:.3g}" for t in values) for key, values in runs.items()))
+    lines.append("")
+    markdown = "\n".join(lines)
+
+    for stem in stems:
+        (out_dir / f"{stem}.md").write_text(markdown)
+        with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["model", "metric", "unit", "ours", "reference", "ratio_ours_over_reference", "better",
+                             "target", "met", "device", "threads", "torch", "date", "tag"])
+            for r in rows:
+                writer.writerow([r.model, r.metric, r.unit, "" if r.ours is None else f"{r.ours:.6g}",
+                                 "" if r.reference is None else f"{r.reference:.6g}",
+                                 "" if r.ratio is None else f"{r.ratio:.4g}", r.better, r.target, r.met,
+                                 info["device"], info["threads"], info["torch"], info["date"], args.tag or ""])
+    plot(out_dir, stems, info, rows)
+
+
+def plot(out_dir: Path, stems: list[str], info: dict, rows: list[Row]) -> None:
+    """Bar chart: per model, how many times better ours is than the reference on each metric
+    (reference time / ours, ours tokens/s / reference, ...), with the issue's targets marked."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        print("  (matplotlib not installed: no PNG; pip install -e '.[bench]')")
+        return
+    shown = [r for r in rows if r.ratio and r.unit != "fraction" and "import" not in r.metric
+             and "bandwidth" not in r.metric and "after load" not in r.metric]
+    models = list(dict.fromkeys(r.model for r in shown))
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.8), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        mine = [r for r in shown if r.model == name]
+        advantage = [r.ratio if r.better == "higher" else 1 / r.ratio for r in mine]
+        colors = ["tab:green" if a >= 1 else "tab:red" for a in advantage]
+        positions = range(len(mine))
+        ax.bar(positions, advantage, color=colors)
+        for x, r in zip(positions, mine):
+            if r.target_ratio is not None and r.target_on == "ratio":
+                goal = r.target_ratio if r.better == "higher" else 1 / r.target_ratio
+                ax.plot([x - 0.4, x + 0.4], [goal, goal], color="black", linestyle="--", linewidth=1)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(list(positions))
+        ax.set_xticklabels([r.metric.split(" (")[0].replace("prefill 980x653 image, ", "prefill ") for r in mine],
+                           rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel("times better than the reference (dashed: target)", fontsize=8)
+        ax.set_title(f"{name}", fontsize=10)
+    fig.suptitle(f"idefics2_mini vs transformers — {info['device']}, {info['threads']} threads, {info['date']}",
+                 fontsize=9)
+    fig.tight_layout()
+    for stem in stems:
+        fig.savefig(out_dir / f"{stem}.png", dpi=110)
+    plt.close(fig)
+
+
+# ============================================================================ main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=None,
+                        help="comma-separated subset of tiny,wide,full (default: tiny,wide, plus full on CUDA)")
+    parser.add_argument("--impls", default="ours,reference", help="comma-separated subset of ours,reference")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per measurement after a warm-up, and load processes "
+                             "(default per model: tiny 5, wide 3)")
+    parser.add_argument("--prefill-repeats", type=int, default=None,
+                        help="timed prefill runs (default: --repeats if given, else per model: tiny 5, wide 2)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="tokens per long decode run, >= 2 (default 33; 9 with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: usable cores)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--tag", default=None, help="also write e2e-<tag>.{md,csv,png} beside the latest e2e.*")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<machine>)")
+    parser.add_argument("--weights", default=str(ROOT / "weights" / "bench"), help="checkpoint cache folder")
+    parser.add_argument("--max-wait", type=float, default=300,
+                        help="before each measuring process, wait up to this many seconds for other processes to "
+                             "leave the CPU idle (shared machines); 0 = never wait")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny only, 1 repeat, no waiting")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child is not None:
+        result = child_main(json.loads(args.child))
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = args.threads or common.usable_cores()
+    torch.set_num_threads(threads)
+    if args.quick:
+        args.models = args.models or "tiny"
+        args.repeats = 1
+        args.max_wait = 0
+        args.new_tokens = args.new_tokens or 9
+    args.new_tokens = args.new_tokens or 33
+    args.prefill_repeats = args.prefill_repeats or args.repeats
+    if args.repeats is not None and args.repeats < 1 or args.prefill_repeats is not None and args.prefill_repeats < 1:
+        parser.error("--repeats and --prefill-repeats must be >= 1")
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be >= 2 (decode is the difference of a long and a 1-token run)")
+    names = args.models.split(",") if args.models else [n for n, m in MODELS.items()
+                                                        if not m.needs_cuda or device.type == "cuda"]
+    impls = args.impls.split(",")
+    for name in names:
+        if name not in MODELS:
+            parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        if MODELS[name].needs_cuda and device.type != "cuda":
+            parser.error(f"the {name} model needs a CUDA device (it does not fit a CPU run)")
+    if any(impl not in IMPLS for impl in impls):
+        parser.error(f"--impls takes a subset of {','.join(IMPLS)}")
+    try:
+        import transformers  # noqa: PLC0415
+
+        args.transformers_version = transformers.__version__
+    except ImportError:
+        if "reference" in impls:
+            parser.error("the reference needs transformers (pip install -e '.[test]'), or pass --impls ours")
+        args.transformers_version = "not installed"
+
+    info = common.machine_info(device, threads)
+    out_dir = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / common.slug(info["device"])
+    stems = ["e2e"] + ([f"e2e-{args.tag}"] if args.tag else [])
+    print(f"machine: {info['device']} — {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
+          f"{threads} threads", flush=True)
+
+    common.wait_for_quiet_machine(args.max_wait, log=lambda m: print(m, flush=True))
+    bandwidth_gib = 0.25 if args.quick else 1.0
+    read_gbs = common.measure_read_bandwidth(device, gib=bandwidth_gib)
+    datasheet = ""
+    if device.type == "cuda":
+        from benchmarks.gpu_peaks import lookup  # noqa: PLC0415
+
+        peak = lookup(info["device"])
+        if peak is not None:
+            datasheet = f"; datasheet {peak.name}: {peak.bandwidth_gbs:.0f} GB/s"
+    print(f"measured read bandwidth (torch.sum over {bandwidth_gib:g} GiB fp32): {read_gbs:.1f} GB/s{datasheet}", flush=True)
+
+    weights_dir = Path(args.weights)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="e2e-"))
+    inputs_file = work / "inputs.pt"
+    make_inputs(inputs_file)
+
+    all_results: dict[str, dict[str, dict]] = {}
+    notes: dict[str, list[str]] = {}
+    started = time.perf_counter()
+    try:
+        for name in names:
+            model = MODELS[name]
+            config = model.config()
+            path = checkpoint_path(weights_dir, model)
+            print(f"[{name}] {model.description}", flush=True)
+            build_checkpoint(model, path)
+            warm_page_cache(path)
+            repeats = args.repeats or model.repeats
+            spec = dict(model=name, checkpoint=str(path), device=str(device), dtype=model.dtype, threads=threads,
+                        repeats=repeats, prefill_repeats=args.prefill_repeats or model.prefill_repeats,
+                        prefill_warmup=[] if args.quick else list(model.prefill_warmup), new_tokens=args.new_tokens,
+                        inputs=str(inputs_file), load_only=False, max_wait_s=args.max_wait)
+            results = {}
+            for impl in impls:
+                print(f"  {impl}: measuring in a fresh process ...", flush=True)
+                results[impl] = run_child({**spec, "impl": impl})
+                results[impl]["load_runs_s"] = [results[impl]["load_s"]]
+                results[impl]["new_tokens"] = args.new_tokens
+            for _ in range(repeats - 1):  # more load timings, each in a fresh process, alternating
+                for impl in impls:
+                    results[impl]["load_runs_s"].append(run_child({**spec, "impl": impl, "load_only": True})["load_s"])
+            all_results[name] = results
+            shown_path = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+            notes[name] = [
+                f"{model.description}; {model.dtype}; checkpoint {checkpoint_bytes(path) / 2**30:.2f} GiB (`{shown_path}`)",
+                f"medians of {spec['repeats']} timed runs for decode, {spec['prefill_repeats']} for prefill "
+                f"(prefill warm-up: {', '.join(spec['prefill_warmup']) or 'none'}), {spec['repeats']} fresh processes for load",
+                "other processes' CPU use during the measuring processes (noise; 0% = quiet machine): "
+                + ", ".join(f"{impl} {100 * results[impl].get('others_cpu', float('nan')):.0f}%" for impl in results),
+            ]
+            if len(results) == 2:
+                mine, theirs = results["ours"]["tokens_b1"], results["reference"]["tokens_b1"]
+                same = sum(a == b for a, b in zip(mine, theirs))
+                first_diff = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+                notes[name].append(f"greedy batch-1 outputs agree on {same}/{len(mine)} tokens"
+                                   + ("" if first_diff is None else f" (first difference at token {first_diff})"))
+            print_rows(build_rows(model, config, results, read_gbs))
+            print(f"  ({time.perf_counter() - started:.0f} s so far)", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    # Measured again at the end: a neighbour that was busy at the start may have left; the higher
+    # of the two is the machine's bandwidth (interference only ever lowers it).
+    common.wait_for_quiet_machine(args.max_wait, log=lambda m: print(m, flush=True))
+    read_gbs_end = common.measure_read_bandwidth(device, gib=bandwidth_gib)
+    print(f"measured read bandwidth again: {read_gbs_end:.1f} GB/s (using the higher)", flush=True)
+    bandwidth_note = (f"**{max(read_gbs, read_gbs_end):.1f} GB/s** (the higher of {read_gbs:.1f} at the start and "
+                      f"{read_gbs_end:.1f} at the end; each the median time of `torch.sum` over a {bandwidth_gib:g} GiB fp32 "
+                      f"tensor, {threads} threads){datasheet}")
+    read_gbs = max(read_gbs, read_gbs_end)
+    rows = [row for name in all_results
+            for row in build_rows(MODELS[name], MODELS[name].config(), all_results[name], read_gbs)]
+    write_results(out_dir, stems, info, args, bandwidth_note, notes, rows, all_results)
+    shown = ", ".join(f"{s}.md" for s in stems)
+    print(f"wrote {out_dir}: {shown} (+ .csv{', .png' if (out_dir / 'e2e.png').exists() else ''}) "
+          f"in {time.perf_counter() - started:.0f} s")
+
+
+def print_rows(rows: list[Row]) -> None:
+    for r in rows:
+        ratio = "" if r.ratio is None else f"  ours/ref {r.ratio:.2f}"
+        target = f"  [{r.target}: {r.met}]" if r.target else ""
+        print(f"    {r.metric:<58} ours {fmt(r.ours, r.unit):>9}  ref {fmt(r.reference, r.unit):>9} {r.unit:<8}"
+              f"{ratio}{target}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Smoke test of the end-to-end benchmark (benchmarks/e2e.py), so that it keeps working while the
+model changes under it: its smallest configuration, one repeat, into a temporary folder."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_e2e_benchmark_quick_run(tmp_path):
+    impls = "ours,reference" if importlib.util.find_spec("transformers") else "ours"
+    out, weights = tmp_path / "results", tmp_path / "weights"
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--quick", "--impls", impls,
+         "--out", str(out), "--weights", str(weights)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+    markdown = (out / "e2e.md").read_text()
+    assert "## tiny" in markdown and "decode batch 1" in markdown
+    with open(out / "e2e.csv") as f:
+        rows = {row["metric"]: row for row in csv.DictReader(f)}
+    for metric in ("load (from_pretrained)", "decode batch 1", "decode batch 8", "peak RSS of the whole run"):
+        assert float(rows[metric]["ours"]) > 0, metric
+        if "reference" in impls:
+            assert float(rows[metric]["reference"]) > 0, metric
+            assert float(rows[metric]["ratio_ours_over_reference"]) > 0, metric
+    prefill = [name for name in rows if name.startswith("prefill")]
+    assert len(prefill) == 2 and all(float(rows[name]["ours"]) > 0 for name in prefill)
+    if "reference" in impls:
+        assert "greedy batch-1 outputs agree on" in markdown
