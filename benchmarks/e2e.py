@@ -501,6 +501,7 @@ def write_results(out_dir: Path, stems: list[str], info: dict, args, bandwidth_n
         f"- torch {info['torch']}, transformers {args.transformers_version}, python {info['python']}, "
         f"{info['threads']} torch threads (both implementations), {info['date']}",
         f"- run: `{command}`" + (f" (tag `{args.tag}`)" if args.tag else ""),
+        f"- code measured: {code_version()}" + (f"; note: {args.note}" if args.note else ""),
         f"- measured read bandwidth: {bandwidth_note}",
         f"- decode = (t({args.new_tokens} new tokens) - t(1 new token)) / {args.new_tokens - 1}, greedy, stopping "
         "off; prefill = generate 1 token for the image prompt; medians after a warm-up (counts per model "
@@ -545,6 +546,18 @@ def write_results(out_dir: Path, stems: list[str], info: dict, args, bandwidth_n
                                  "" if r.ratio is None else f"{r.ratio:.4g}", r.better, r.target, r.met,
                                  info["device"], info["threads"], info["torch"], info["date"], args.tag or ""])
     plot(out_dir, stems, info, rows)
+
+
+def code_version() -> str:
+    """The commit of the measured code, and whether the model's files had uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "idefics2_mini", "kernels"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"commit {commit}" + (" + uncommitted changes in idefics2_mini/ or kernels/" if dirty else "")
 
 
 def plot(out_dir: Path, stems: list[str], info: dict, rows: list[Row]) -> None:
@@ -606,6 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: usable cores)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--tag", default=None, help="also write e2e-<tag>.{md,csv,png} beside the latest e2e.*")
+    parser.add_argument("--note", default=None, help="free text recorded in the results (e.g. what changed)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<machine>)")
     parser.add_argument("--weights", default=str(ROOT / "weights" / "bench"), help="checkpoint cache folder")
     parser.add_argument("--max-wait", type=float, default=300,
