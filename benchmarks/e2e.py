@@ -293,7 +293,11 @@ def child_main(spec: dict) -> dict:
                 batch[key] = batch[key].to(dtype)
     repeats, new_tokens = spec["repeats"], spec["new_tokens"]
 
+    def wait_for_quiet() -> None:  # before each group of timed runs; a neighbour may have started meanwhile
+        common.wait_for_quiet_machine(spec["max_wait_s"] / 4, log=lambda message: _log(spec, message.strip()))
+
     prefills = {"image": "prefill_s", "image_split": "prefill_split_s"}
+    wait_for_quiet()
     for key in spec["prefill_warmup"]:
         generate(model, inputs[key], 1)
     raw = {key: [] for key in prefills}
@@ -311,6 +315,7 @@ def child_main(spec: dict) -> dict:
     for key in ("text_b1", "text_b8"):
         batch = inputs[key]
         size, prompt_len = batch["input_ids"].shape
+        wait_for_quiet()
         generate(model, batch, 1)  # warm-up
         out = generate(model, batch, new_tokens)
         short, long = [], []
