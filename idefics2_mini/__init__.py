@@ -9,6 +9,8 @@ from .cache import KVCache
 from .config import Idefics2Config, PerceiverConfig, TextConfig, VisionConfig
 from .loading import PREFIX_TABLE, CheckpointError, load_model, save_checkpoint
 from .model import Idefics2, Idefics2Output, InputError
+from .packing import PackedImages
+from .processor import Idefics2Processor
 
 __all__ = [
     "PREFIX_TABLE",
@@ -16,6 +18,8 @@ __all__ = [
     "Idefics2",
     "Idefics2Config",
     "Idefics2Output",
+    "Idefics2Processor",
+    "PackedImages",
     "InputError",
     "KVCache",
     "PerceiverConfig",

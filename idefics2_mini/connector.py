@@ -63,8 +63,8 @@ class PerceiverAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
         self.fused_kv: FusedProjections | None = None
 
-    def fuse(self) -> None:
-        self.fused_kv = FusedProjections([self.k_proj, self.v_proj])
+    def fuse(self, input_major: bool = False, copy_values: bool = True) -> None:
+        self.fused_kv = FusedProjections([self.k_proj, self.v_proj], input_major, copy_values)
 
     def forward(
         self,

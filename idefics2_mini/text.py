@@ -17,25 +17,49 @@ from .layers import FusedProjections, RMSNorm, SwiGLU, project
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for half-split RoPE, computed in fp32 from the position ids."""
+    """Half-split RoPE: channel pairs (i, i + D/2) rotate by position × inv_freq[i].
+
+    The cos and sin tables are computed once in fp32 for positions 0..n-1 (grown on demand,
+    recomputed if the model moves) and looked up per step: the same numbers as computing them
+    from each step's positions, without redoing the trigonometry for every token.
+    """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
+        self._cos: torch.Tensor | None = None  # [n, D] fp32
+        self._signed_sin: torch.Tensor | None = None  # [n, D] fp32: (-sin, +sin) halves
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, T] -> cos, sin [B, 1, T, head_dim] in `dtype` (broadcast over heads)."""
-        freqs = position_ids.float()[:, :, None] * self.inv_freq.float()[None, None, :]  # [B, T, D/2]
+    def _build(self, length: int) -> None:
+        positions = torch.arange(length, device=self.inv_freq.device).float()
+        freqs = positions[:, None] * self.inv_freq.float()[None, :]  # [n, D/2]
         angles = torch.cat([freqs, freqs], dim=-1)
-        return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+        half = freqs.shape[-1]
+        sin = angles.sin()
+        self._cos = angles.cos()
+        self._signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+
+    def forward(
+        self, position_ids: torch.Tensor, max_position: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] (all < max_position, a host-side bound so no device sync is
+        needed) -> cos, signed_sin [B, T, 1, D] in `dtype` (broadcast over heads)."""
+        table = self._cos
+        if table is None or table.shape[0] < max_position or table.device != self.inv_freq.device:
+            self._build(max(max_position, 2 * (0 if table is None else table.shape[0])))
+        cos = self._cos[position_ids].to(dtype)[:, :, None]
+        signed_sin = self._signed_sin[position_ids].to(dtype)[:, :, None]
+        return cos, signed_sin
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]: rotate pairs (x[:D/2], x[D/2:]) by the position's angles."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] -> x rotated: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), where
+    x1, x2 are the two halves of D. With the sign folded into the sin table this is
+    x * cos + swap_halves(x) * signed_sin."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 class TextAttention(nn.Module):
@@ -53,8 +77,8 @@ class TextAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
         self.fused_qkv: FusedProjections | None = None
 
-    def fuse(self) -> None:
-        self.fused_qkv = FusedProjections([self.q_proj, self.k_proj, self.v_proj])
+    def fuse(self, input_major: bool = False, copy_values: bool = True) -> None:
+        self.fused_qkv = FusedProjections([self.q_proj, self.k_proj, self.v_proj], input_major, copy_values)
 
     def forward(
         self,
@@ -64,13 +88,16 @@ class TextAttention(nn.Module):
         token_mask: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        """x [B, T, C]; cos/sin [B, 1, T, D]; token_mask [B, T] bool (None = no padding) -> [B, T, C]."""
+        """x [B, T, C]; cos/sin [B, T, 1, D]; token_mask [B, T] bool (None = no padding) -> [B, T, C]."""
         batch, length, _ = x.shape
         q, k, v = project(self.fused_qkv, [self.q_proj, self.k_proj, self.v_proj], x)
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Rotate q and k in one go: [B, T, Hq + Hkv, D].
+        qk = torch.cat([q.view(batch, length, self.num_heads, self.head_dim),
+                        k.view(batch, length, self.num_kv_heads, self.head_dim)], dim=2)
+        qk = apply_rotary(qk, cos, sin)
+        q = qk[:, :, : self.num_heads].transpose(1, 2)  # [B, Hq, T, D]
+        k = qk[:, :, self.num_heads :].transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         scale = self.head_dim**-0.5
 
         if cache is not None and length == 1 and cache.num_tokens > 0:
@@ -141,9 +168,11 @@ class TextDecoder(nn.Module):
         if cache is not None:
             step_mask = token_mask if token_mask is not None else inputs_embeds.new_ones(batch, length, dtype=torch.bool)
             position_ids = cache.begin_step(step_mask)
+            max_position = cache.num_tokens + length  # positions never exceed the token clock
         else:
             position_ids = position_ids_from_mask(token_mask, batch, length, inputs_embeds.device)
-        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+            max_position = length
+        cos, sin = self.rotary(position_ids, max_position, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
             if hidden_states_out is not None:

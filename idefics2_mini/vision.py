@@ -103,8 +103,8 @@ class VisionAttention(nn.Module):
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.fused_qkv: FusedProjections | None = None
 
-    def fuse(self) -> None:
-        self.fused_qkv = FusedProjections([self.q_proj, self.k_proj, self.v_proj])
+    def fuse(self, input_major: bool = False, copy_values: bool = True) -> None:
+        self.fused_qkv = FusedProjections([self.q_proj, self.k_proj, self.v_proj], input_major, copy_values)
 
     def forward(
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, packed: PackedImages | None = None
