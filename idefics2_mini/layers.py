@@ -10,6 +10,19 @@ from torch import nn
 import kernels
 
 
+def embedding(num_embeddings: int, width: int, padding_idx: int | None = None) -> nn.Embedding:
+    """nn.Embedding with N(0, 1) rows (its own init) — except on the meta device, where the
+    loader builds the model before filling it from the checkpoint: drawing random numbers for a
+    meta tensor imports torch._dynamo, over a second of load time for nothing."""
+    weight = torch.empty(num_embeddings, width)
+    if weight.device.type != "meta":
+        with torch.no_grad():
+            weight.normal_()
+            if padding_idx is not None:
+                weight[padding_idx] = 0
+    return nn.Embedding(num_embeddings, width, padding_idx=padding_idx, _weight=weight)
+
+
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x²) + eps); statistics in fp32, cast back, then × weight.
 
@@ -65,8 +78,10 @@ class FusedProjections:
 
     def current(self) -> bool:
         """True while the linears' parameters are still views of the fused matrix. Fusion is
-        for inference: with autograd on, the separate linears run (gradients reach them)."""
-        return self.linears[0].weight.data_ptr() == self.weight.data_ptr() and not torch.is_grad_enabled()
+        for inference: when autograd wants their gradients, the separate linears run."""
+        weight = self.linears[0].weight
+        needs_grad = torch.is_grad_enabled() and weight.requires_grad
+        return weight.data_ptr() == self.weight.data_ptr() and not needs_grad
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one output per linear, [..., out_i] each (views of one result)."""
@@ -119,7 +134,13 @@ class SwiGLU(nn.Module):
     def fuse(self, input_major: bool = False, copy_values: bool = True) -> None:
         self.fused_gate_up = FusedProjections([self.gate_proj, self.up_proj], input_major, copy_values)
 
+    # Above this many input rows the two halves of a fused gate/up output are big strided
+    # views, and silu and the product over them cost more than the fused matmul saves
+    # (profiled on a 3220-patch image: +0.45 s at the projector).
+    FUSED_MAX_ROWS = 512
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_width] -> [..., out_width]."""
-        gate, up = project(self.fused_gate_up, [self.gate_proj, self.up_proj], x)
+        fused = self.fused_gate_up if x.numel() <= self.FUSED_MAX_ROWS * x.shape[-1] else None
+        gate, up = project(fused, [self.gate_proj, self.up_proj], x)
         return self.down_proj(F.silu(gate) * up)

@@ -184,7 +184,7 @@ def load_model(
     config = Idefics2Config.from_pretrained(path)
     files = checkpoint_files(path)
     with torch.device("meta"):
-        model = Idefics2(config).to(dtype)
+        model = Idefics2(config)
     expected_names = {name for name, _ in model.named_parameters()}
 
     unexpected = sorted(name for name in files if official_to_ours(name) not in expected_names)
@@ -199,8 +199,8 @@ def load_model(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {shown}")
 
-    model.to_empty(device=device)  # uninitialised storage; every parameter is overwritten below
-    if config.text.tie_word_embeddings:  # to_empty makes separate tensors: tie them again
+    _allocate_parameters(model, dtype, device)  # uninitialised; every one is overwritten below
+    if config.text.tie_word_embeddings:
         model.lm_head.weight = model.text.embed_tokens.weight
     model.fuse_projections(copy_values=False)
     expected = dict(model.named_parameters())
@@ -226,13 +226,21 @@ def load_model(
             del tensor
     if progress is not None and current_file is not None:
         progress(files_done + 1, total_files)
-    for param in model.parameters():
-        param.requires_grad_(False)
     # Non-persistent buffers (RoPE frequencies) are recomputed, not loaded.
     model.text.rotary = type(model.text.rotary)(config.text.head_dim, config.text.rope_theta).to(device)
     model.generation_defaults = GenerationDefaults.from_pretrained(path, config)
     model.eval()
     return model
+
+
+def _allocate_parameters(model: torch.nn.Module, dtype: torch.dtype, device) -> None:
+    """Give every (meta) parameter real, uninitialised storage of `dtype` on `device`.
+    (Not `.to(dtype).to_empty()`: those dispatch through meta-tensor Python refs, whose first
+    use imports sympy and friends, a noticeable share of a small model's load time.)"""
+    for name, param in list(model.named_parameters()):
+        module_name, _, attribute = name.rpartition(".")
+        storage = torch.empty(param.shape, dtype=dtype, device=device)
+        setattr(model.get_submodule(module_name), attribute, torch.nn.Parameter(storage, requires_grad=False))
 
 
 def copy_into(target: torch.Tensor, source: torch.Tensor, rows_per_chunk: int = 128) -> None:

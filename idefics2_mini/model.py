@@ -58,7 +58,8 @@ class Idefics2(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", **kwargs):
-        """Load an official-layout checkpoint folder (see loading.py)."""
+        """Load an official-layout checkpoint folder (see loading.py). Parameters come back
+        frozen (requires_grad=False) for inference; `model.requires_grad_(True)` to train."""
         from .loading import load_model  # noqa: PLC0415  (loading imports this module)
 
         return load_model(path, dtype=dtype, device=device, **kwargs)

@@ -13,7 +13,7 @@ import kernels
 
 from .cache import KVCache
 from .config import TextConfig
-from .layers import FusedProjections, RMSNorm, SwiGLU, project
+from .layers import FusedProjections, RMSNorm, SwiGLU, embedding, project
 
 
 class RotaryEmbedding(nn.Module):
@@ -26,7 +26,9 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        # Computed on the CPU even while the loader builds the model on the meta device (math on
+        # meta tensors imports torch._dynamo: over a second of load time); moved with the model.
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
         self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
         self._cos: torch.Tensor | None = None  # [n, D] fp32
         self._signed_sin: torch.Tensor | None = None  # [n, D] fp32: (-sin, +sin) halves
@@ -143,7 +145,7 @@ class TextDecoder(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(TextDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)

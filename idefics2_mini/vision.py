@@ -16,7 +16,7 @@ from torch import nn
 import kernels
 
 from .config import VisionConfig
-from .layers import FusedProjections, project
+from .layers import FusedProjections, embedding, project
 from .packing import PackedImages
 
 
@@ -66,7 +66,7 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.position_embedding = nn.Embedding(self.num_patches_per_side**2, config.hidden_size)
+        self.position_embedding = embedding(self.num_patches_per_side**2, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, H, W], patch_attention_mask [N, H//p, W//p] -> [N, (H//p)*(W//p), C]."""

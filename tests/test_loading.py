@@ -131,11 +131,14 @@ def test_projections_are_fused_without_copies(checkpoint):
     with torch.no_grad():
         fused_logits = model(ids)
         assert fused.current()
-    unfused_logits = model(ids)  # autograd on: the separate linears run
-    assert (fused_logits - unfused_logits).abs().max() <= 1e-5
+    model.requires_grad_(True)
+    unfused_logits = model(ids)  # gradients wanted: the separate linears run
+    assert not fused.current() and unfused_logits.requires_grad
+    model.requires_grad_(False)
+    assert (fused_logits - unfused_logits.detach()).abs().max() <= 1e-5
     moved = model.to(torch.float64)  # new tensors: fusion no longer current, results still right
     with torch.no_grad():
         assert not fused.current()
-        assert (moved(ids).float() - fused_logits).abs().max() <= 1e-4
+        assert (moved(ids).float() - fused_logits.detach()).abs().max() <= 1e-4
         moved.fuse_projections()
         assert attention.fused_qkv.current() and attention.fused_qkv.weight.dtype == torch.float64
