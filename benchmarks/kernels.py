@@ -31,7 +31,6 @@ import csv
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -48,6 +47,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.path.insert(0, ROOT)
 
 import kernels  # noqa: E402
+from benchmarks.common import cpu_name, slug  # noqa: E402
 from benchmarks.gpu_peaks import lookup  # noqa: E402
 from kernels import _triton  # noqa: E402
 from kernels.attention_decode import attention_decode_reference, attention_decode_triton  # noqa: E402
@@ -63,21 +63,6 @@ RMS_EPS = 1e-5
 
 
 # ------------------------------------------------------------------------------ device and timing
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def time_ms(fn, device: torch.device, *, warmup: int = 3, reps: int = 20, budget_s: float = 2.0) -> float:

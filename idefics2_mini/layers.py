@@ -143,4 +143,7 @@ class SwiGLU(nn.Module):
         """x [..., in_width] -> [..., out_width]."""
         fused = self.fused_gate_up if x.numel() <= self.FUSED_MAX_ROWS * x.shape[-1] else None
         gate, up = project(fused, [self.gate_proj, self.up_proj], x)
-        return self.down_proj(F.silu(gate) * up)
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(gate) * up)
+        # Inference: reuse gate's memory (for a 3220-patch image that is 185 MB not allocated).
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
