@@ -26,11 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# benchmarks/kernels.py would shadow the `kernels` package: keep this folder off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import cpu_name, slug, usable_cores  # noqa: E402
+from benchmarks.common import cpu_name, slug, usable_cores  # noqa: E402
 
 WORKER = r"""
 import json, statistics, sys, time
