@@ -69,15 +69,24 @@ class KVCache:
                 f"{num_new} more were given"
             )
         token_mask = token_mask.to(torch.bool)
+        self._num_new = num_new
+        self._new_real = token_mask
+        if num_new == 1:
+            # Decode: one slot, updated in place (no slot list, no copy of the realness mask:
+            # only chunked prefill reads the pre-step state, through `past`).
+            slot = self.num_tokens % self.capacity
+            self.slot_is_real[:, slot] = token_mask[:, 0]
+            self._slot_is_real_after = self.slot_is_real
+            self._slots = None
+            self._decode_seqlens.fill_(min(self.num_tokens + 1, self.capacity))
+            return self.next_position[:, None] * token_mask  # padding (mask 0) gets position 0
         positions = self.next_position[:, None] + token_mask.long().cumsum(dim=1) - 1
         positions = positions.masked_fill(~token_mask, 0)
         # Only the last `capacity` of the new tokens survive in the buffer.
         kept = min(num_new, self.capacity)
         first_kept = self.num_tokens + num_new - kept
         slots = torch.arange(first_kept, first_kept + kept, device=token_mask.device) % self.capacity
-        self._num_new = num_new
         self._slots = slots
-        self._new_real = token_mask
         # The realness of every slot once this step is written (decode attends with it).
         self._slot_is_real_after = self.slot_is_real.clone()
         self._slot_is_real_after[:, slots] = token_mask[:, num_new - kept :]
@@ -96,20 +105,19 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store this step's k, v [B, Hkv, T, D] (after RoPE) into their slots."""
-        kept = self._slots.shape[0]
         if self._num_new == 1:
             # Decode: a plain slice copy (cheaper than index_copy for one slot).
             slot = self.num_tokens % self.capacity
             self.keys[layer][:, :, slot : slot + 1].copy_(k)
             self.values[layer][:, :, slot : slot + 1].copy_(v)
             return
+        kept = self._slots.shape[0]
         self.keys[layer].index_copy_(2, self._slots, k[:, :, self._num_new - kept :])
         self.values[layer].index_copy_(2, self._slots, v[:, :, self._num_new - kept :])
 
     def decode_visible(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For a one-token step, after `write`: (cache_seqlens [B] int32, key_mask [B, S] bool),
         the slots the new query may see (its own included)."""
-        self._decode_seqlens.fill_(min(self.num_tokens + 1, self.capacity))
         return self._decode_seqlens, self._slot_is_real_after
 
     def end_step(self) -> None:

@@ -100,18 +100,26 @@ def choose_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 
-def ban_bad_words(logits: torch.Tensor, generated: torch.Tensor, bad_words_ids: Sequence[Sequence[int]]) -> None:
-    """In place: forbid the last token of each banned sequence whose prefix was just generated.
-    logits [B, vocab], generated [B, n] (tokens so far, prompt included)."""
-    single = [words[0] for words in bad_words_ids if len(words) == 1]
-    if single:
-        logits[:, single] = float("-inf")
-    for words in bad_words_ids:
-        if len(words) < 2 or generated.shape[1] < len(words) - 1:
-            continue
-        prefix = torch.tensor(words[:-1], device=generated.device)
-        hit = (generated[:, -(len(words) - 1) :] == prefix).all(dim=1)
-        logits[hit, words[-1]] = float("-inf")
+class BannedTokens:
+    """Tokens `generate` must not emit (bad_words_ids): single tokens are banned outright, by
+    an index tensor built once; a longer sequence bans its last token after its prefix."""
+
+    def __init__(self, bad_words_ids: Sequence[Sequence[int]], device: torch.device):
+        self.single = torch.tensor([w[0] for w in bad_words_ids if len(w) == 1], dtype=torch.long, device=device)
+        self.sequences = [(torch.tensor(w[:-1], device=device), w[-1]) for w in bad_words_ids if len(w) > 1]
+
+    def apply_(self, logits: torch.Tensor, history: Callable[[], torch.Tensor]) -> None:
+        """In place on logits [B, vocab]; history() -> [B, n] tokens so far (asked for only
+        when a multi-token sequence is banned)."""
+        if self.single.numel():
+            logits.index_fill_(1, self.single, float("-inf"))
+        if not self.sequences:
+            return
+        tokens = history()
+        for prefix, last in self.sequences:
+            if tokens.shape[1] >= prefix.shape[0]:
+                hit = (tokens[:, tokens.shape[1] - prefix.shape[0] :] == prefix).all(dim=1)
+                logits[hit, last] = float("-inf")
 
 
 TokenCallback = Callable[[torch.Tensor], None]
@@ -209,12 +217,12 @@ def generate(
     )[:, -1]
     new_tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=model.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
-    step_mask = torch.ones(batch, 1, dtype=torch.long, device=model.device)
+    banned = BannedTokens(bad_words, model.device)
+    pad = torch.full((batch,), pad_id, dtype=torch.long, device=model.device)
     for step in range(max_new_tokens):
-        ban_bad_words(logits, torch.cat([history, new_tokens[:, :step]], dim=1) if _has_multi(bad_words) else history,
-                      bad_words)
+        banned.apply_(logits, lambda: torch.cat([history, new_tokens[:, :step]], dim=1))
         next_token = choose_next_token(logits, options, generator)
-        next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+        next_token = torch.where(finished, pad, next_token)
         new_tokens[:, step] = next_token
         if streamer is not None:
             streamer(next_token)
@@ -222,16 +230,10 @@ def generate(
         if step == max_new_tokens - 1 or bool(finished.all()):
             new_tokens = new_tokens[:, : step + 1]
             break
-        logits = model(
-            next_token[:, None], step_mask, cache=state.cache, last_token_only=True, splice_images=False
-        )[:, -1]
+        logits = model.decode_step(next_token[:, None], state.cache)
     # The last token chosen is not in the cache yet; a next turn starts by feeding it.
     state.tokens = torch.cat([history, new_tokens], dim=1)
     return torch.cat([input_ids, new_tokens], dim=1)
-
-
-def _has_multi(bad_words: Sequence[Sequence[int]]) -> bool:
-    return any(len(words) > 1 for words in bad_words)
 
 
 def stream_text(model, tokenizer, batch: dict[str, torch.Tensor], **generate_kwargs) -> Iterator[str]:

@@ -130,15 +130,10 @@ class Idefics2(nn.Module):
         vision_features = self.vision.forward_packed(packed, vision_hidden_states_out)
         return self.connector.forward_packed(vision_features, packed)
 
-    def embed_inputs(
-        self, input_ids: torch.Tensor, image_features: torch.Tensor | None, splice_images: bool = True
-    ) -> torch.Tensor:
+    def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """input_ids [B, T], image_features [I, n_latents, C] -> embeddings [B, T, C] with the
-        <image> rows replaced by the image features, in reading order. With
-        `splice_images=False` (tokens the model generated) an <image> is an ordinary token."""
+        <image> rows replaced by the image features, in reading order."""
         embeddings = self.text.embed_tokens(input_ids)
-        if not splice_images:
-            return embeddings
         image_positions = input_ids == self.config.image_token_id
         num_image_tokens = int(image_positions.sum())
         num_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
@@ -167,7 +162,6 @@ class Idefics2(nn.Module):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         last_token_only: bool = False,
-        splice_images: bool = True,
     ) -> torch.Tensor | Idefics2Output:
         """input_ids [B, T] long; attention_mask [B, T] (1 = real, 0 = left padding);
         pixel_values [B, N, 3, H, W]; pixel_attention_mask [B, N, H, W].
@@ -175,8 +169,7 @@ class Idefics2(nn.Module):
         Returns logits [B, T, vocab] (or [B, 1, vocab] with `last_token_only`), or an
         `Idefics2Output` with per-layer hidden states and image features when
         `output_hidden_states=True`. `image_features` (from `get_image_features`) may be passed
-        instead of pixels; `cache` continues a KV cache (see generation.py); `splice_images=False`
-        feeds generated tokens, where an <image> the model emitted has no image behind it.
+        instead of pixels; `cache` continues a KV cache (see generation.py and `decode_step`).
         """
         _check_text_inputs(input_ids, attention_mask, self.config)
         if cache is None and input_ids.shape[1] > self.config.text.max_position_embeddings:
@@ -189,7 +182,7 @@ class Idefics2(nn.Module):
             if image_features is not None:
                 raise InputError("pass either pixel_values or image_features, not both")
             image_features = self.get_image_features(pixel_values, pixel_attention_mask, vision_hidden_states)
-        embeddings = self.embed_inputs(input_ids, image_features, splice_images)
+        embeddings = self.embed_inputs(input_ids, image_features)
         text_hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
         hidden = self.text(embeddings, attention_mask, cache, text_hidden_states)
         if last_token_only:
@@ -198,6 +191,15 @@ class Idefics2(nn.Module):
         if not output_hidden_states:
             return logits
         return Idefics2Output(logits, text_hidden_states, vision_hidden_states, image_features)
+
+    def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One generated token per row through the cache: token_ids [B, 1] -> logits [B, vocab].
+
+        The hot loop of generation, so it skips `forward`'s input checks (their min/max would
+        be a device sync per token) and image splicing (a generated <image> is just a token)."""
+        embeddings = self.text.embed_tokens(token_ids)
+        hidden = self.text(embeddings, None, cache)
+        return self.lm_head(hidden[:, -1])
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, **options):
         """-> LongTensor [B, T + new]; see `idefics2_mini.generation.generate` for the options."""
