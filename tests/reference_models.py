@@ -11,6 +11,28 @@ import torch
 VOCAB = 32003
 
 
+def reference_tokenizer():
+    """The reference (newer transformers) tokenizer built locally, no download: vocab + merges
+    read from the shipped SentencePiece model, the three Idefics2 tokens added."""
+    import sentencepiece
+    import transformers
+    from transformers.tokenization_utils_base import generate_merges
+
+    from idefics2_mini.tokenizer import SHIPPED_TOKENIZER_MODEL
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(SHIPPED_TOKENIZER_MODEL))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    tokenizer = transformers.LlamaTokenizer(
+        vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, add_eos_token=False, pad_token="<unk>"
+    )
+    added = [
+        transformers.AddedToken(t, normalized=False, special=True)
+        for t in ("<fake_token_around_image>", "<image>", "<end_of_utterance>")
+    ]
+    tokenizer.add_special_tokens({"additional_special_tokens": added})
+    return tokenizer
+
+
 def tiny_config_dict(
     *,
     text_heads: int = 4,

@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from reference_models import reference_tokenizer
 
 from idefics2_mini.image_processing import Idefics2ImageProcessor
 from idefics2_mini.processor import Idefics2Processor
@@ -35,19 +36,7 @@ def open_rgb(name: str) -> PIL.Image.Image:
 def reference_processor(do_image_splitting: bool = False):
     """The reference Idefics2Processor, built locally (no download) from the shipped tokenizer."""
     transformers = pytest.importorskip("transformers")
-    import sentencepiece
-    from transformers.tokenization_utils_base import generate_merges
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(SHIPPED_TOKENIZER_MODEL))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    tokenizer = transformers.LlamaTokenizer(
-        vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, add_eos_token=False, pad_token="<unk>"
-    )
-    added = [
-        transformers.AddedToken(t, normalized=False, special=True)
-        for t in ("<fake_token_around_image>", "<image>", "<end_of_utterance>")
-    ]
-    tokenizer.add_special_tokens({"additional_special_tokens": added})
+    tokenizer = reference_tokenizer()
     image_processor = transformers.Idefics2ImageProcessorPil(do_image_splitting=do_image_splitting)
     return transformers.Idefics2Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=64, chat_template=OFFICIAL_CHAT_TEMPLATE

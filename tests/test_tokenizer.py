@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_models import reference_tokenizer as build_reference_tokenizer
 
 from idefics2_mini.tokenizer import SHIPPED_TOKENIZER_MODEL, Idefics2Tokenizer, TextStreamDecoder
 
@@ -31,21 +32,8 @@ def tokenizer():
 def reference_tokenizer():
     """The reference (newer transformers) tokenizer built locally from the same SentencePiece
     model: vocab + merges read with sentencepiece, the three Idefics2 tokens added."""
-    transformers = pytest.importorskip("transformers")
-    import sentencepiece
-    from transformers.tokenization_utils_base import generate_merges
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(SHIPPED_TOKENIZER_MODEL))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    reference = transformers.LlamaTokenizer(
-        vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, add_eos_token=False, pad_token="<unk>"
-    )
-    added = [
-        transformers.AddedToken(t, normalized=False, special=True)
-        for t in ("<fake_token_around_image>", "<image>", "<end_of_utterance>")
-    ]
-    reference.add_special_tokens({"additional_special_tokens": added})
-    return reference
+    pytest.importorskip("transformers")
+    return build_reference_tokenizer()
 
 
 def test_shipped_model_and_special_ids(tokenizer):
