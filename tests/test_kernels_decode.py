@@ -20,33 +20,14 @@ import torch
 
 import kernels
 from kernels import _triton
+from kernel_rules import LOW_PRECISION as LOW, assert_rule, max_err, needs_triton
 from kernels.attention_decode import attention_decode, attention_decode_reference, attention_decode_triton
 from kernels.attention_prefill import attention_reference
 
 # `kernels.attention_decode` the attribute is the function; the module is imported by name.
 decode = importlib.import_module("kernels.attention_decode")
 
-pytestmark = pytest.mark.skipif(
-    not _triton.available() or not (torch.cuda.is_available() or _triton.interpreter_active()),
-    reason="triton is not importable, or the interpreter could not be enabled",
-)
-
-LOW = (torch.bfloat16, torch.float16)
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def assert_rule(out, ref32, ref_lo, dtype):
-    assert out.dtype == dtype and out.shape == ref32.shape and torch.isfinite(out).all()
-    err = max_err(out, ref32)
-    if dtype in LOW:
-        base = max_err(ref_lo, ref32)
-        assert err <= 2 * base + 1e-6, f"kernel error {err:.3g} > 2 x torch {dtype} error {base:.3g}"
-    else:
-        assert err <= 1e-5, f"fp32 kernel error {err:.3g}"
-
+pytestmark = needs_triton
 
 # (batch, q_heads, kv_heads, slots, head_dim, num_splits, with key_mask, dtype)
 CASES = [

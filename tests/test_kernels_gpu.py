@@ -12,6 +12,7 @@ import torch
 
 import kernels
 from kernels import _triton
+from kernel_rules import assert_rule, max_err
 from kernels.attention_decode import attention_decode_reference, attention_decode_triton
 from kernels.attention_prefill import (
     attention_reference,
@@ -31,15 +32,6 @@ DEV = "cuda"
 BF16 = torch.bfloat16
 
 
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def assert_rule(out, ref32, ref_lo):
-    err, base = max_err(out, ref32), max_err(ref_lo, ref32)
-    assert err <= 2 * base + 1e-6, f"kernel error {err:.3g} > 2 x torch bf16 error {base:.3g}"
-
-
 @pytest.mark.parametrize("rows,width", [(1, 4096), (8192, 4096), (4900, 1152), (3, 16384)])
 def test_rmsnorm_real_sizes(rows, width):
     x = torch.randn(rows, width, device=DEV, dtype=BF16)
@@ -48,7 +40,7 @@ def test_rmsnorm_real_sizes(rows, width):
     y, summed, _ = rms_module._rms_norm_fwd_launch(x, w, 1e-5, r)
     ref_lo, summed_lo = kernels.rms_norm_reference(x, w, 1e-5, r)
     assert torch.equal(summed, summed_lo)
-    assert_rule(y, kernels.rms_norm_reference(summed.double(), w.double(), 1e-5), ref_lo)
+    assert_rule(y, kernels.rms_norm_reference(summed.double(), w.double(), 1e-5), ref_lo, BF16)
 
 
 def test_rmsnorm_backward_real_size():
@@ -68,7 +60,7 @@ def test_decoder_prefill(seq, window):
     k, v = (torch.randn(1, 8, seq, 128, device=DEV, dtype=BF16) for _ in range(2))
     out = attention_triton(q, k, v, causal=True, window=window)
     ref32 = attention_reference(q.float(), k.float(), v.float(), causal=True, window=window)
-    assert_rule(out, ref32, attention_reference(q, k, v, causal=True, window=window))
+    assert_rule(out, ref32, attention_reference(q, k, v, causal=True, window=window), BF16)
 
 
 def test_vision_packed():
@@ -77,7 +69,7 @@ def test_vision_packed():
     q, k, v = (torch.randn(sum(lengths), 16, 72, device=DEV, dtype=BF16) for _ in range(3))
     out = attention_varlen_triton(q, k, v, cu, cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
     ref32 = attention_varlen_reference(q.float(), k.float(), v.float(), cu, cu)
-    assert_rule(out, ref32, attention_varlen_reference(q, k, v, cu, cu))
+    assert_rule(out, ref32, attention_varlen_reference(q, k, v, cu, cu), BF16)
 
 
 def test_perceiver():
@@ -88,7 +80,7 @@ def test_perceiver():
     k, v = (torch.randn(sum(lk), 4, 96, device=DEV, dtype=BF16) for _ in range(2))
     out = attention_varlen_triton(q, k, v, cq, ck, max_seqlen_q=64, max_seqlen_k=max(lk))
     ref32 = attention_varlen_reference(q.float(), k.float(), v.float(), cq, ck)
-    assert_rule(out, ref32, attention_varlen_reference(q, k, v, cq, ck))
+    assert_rule(out, ref32, attention_varlen_reference(q, k, v, cq, ck), BF16)
 
 
 @pytest.mark.parametrize("batch,slots", [(1, 32768), (8, 4096), (64, 1024)])
@@ -99,7 +91,7 @@ def test_decode_real_sizes(batch, slots):
     mask = torch.rand(batch, slots, device=DEV) > 0.05
     out = attention_decode_triton(q, k, v, seqlens, key_mask=mask)
     ref32 = attention_decode_reference(q.float(), k.float(), v.float(), seqlens, key_mask=mask)
-    assert_rule(out, ref32, attention_decode_reference(q, k, v, seqlens, key_mask=mask))
+    assert_rule(out, ref32, attention_decode_reference(q, k, v, seqlens, key_mask=mask), BF16)
 
 
 def test_compiled_model_path_with_custom_ops():

@@ -23,31 +23,13 @@ import torch
 
 import kernels
 from kernels import _triton
+from kernel_rules import LOW_PRECISION as LOW, assert_rule, max_err, needs_triton
 from kernels import rmsnorm as rms_module
 from kernels.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 
-pytestmark = pytest.mark.skipif(
-    not _triton.available() or not (torch.cuda.is_available() or _triton.interpreter_active()),
-    reason="triton is not importable, or the interpreter could not be enabled",
-)
+pytestmark = needs_triton
 
 EPS = 1e-5
-LOW = (torch.bfloat16, torch.float16)
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def assert_rule(out, ref_hi, ref_lo, dtype, fp32_tol=1e-5):
-    err = max_err(out, ref_hi)
-    if dtype in LOW:
-        base = max_err(ref_lo, ref_hi)
-        assert err <= 2 * base + 1e-6, f"kernel error {err:.3g} > 2 x torch {dtype} error {base:.3g}"
-    else:
-        assert err <= fp32_tol, f"fp32 kernel error {err:.3g}"
-
-
 def make(shape, dtype, seed=0, residual=False):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g) * 2).to(dtype)
