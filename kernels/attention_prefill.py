@@ -20,7 +20,6 @@ gradient is needed the dispatching functions use the reference (which autograd d
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -19,8 +19,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import _triton
-from kernel_rules import LOW_PRECISION as LOW, assert_rule, max_err, needs_triton
+from kernel_rules import assert_rule, max_err, needs_triton
 from kernels import attention_prefill as prefill
 from kernels.attention_prefill import (
     attention,

@@ -19,8 +19,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import _triton
-from kernel_rules import LOW_PRECISION as LOW, assert_rule, max_err, needs_triton
+from kernel_rules import assert_rule, max_err, needs_triton
 from kernels.attention_decode import attention_decode, attention_decode_reference, attention_decode_triton
 from kernels.attention_prefill import attention_reference
 

@@ -22,8 +22,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import _triton
-from kernel_rules import LOW_PRECISION as LOW, assert_rule, max_err, needs_triton
+from kernel_rules import assert_rule, max_err, needs_triton
 from kernels import rmsnorm as rms_module
 from kernels.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 
