@@ -17,7 +17,7 @@ from torch import nn
 import kernels
 
 from .config import Idefics2Config, PerceiverConfig
-from .layers import FusedProjections, RMSNorm, SwiGLU, project
+from .layers import FusedProjections, Linear, RMSNorm, SwiGLU, fuse_linears, project
 from .packing import PackedImages
 
 
@@ -57,14 +57,14 @@ class PerceiverAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.resampler_head_dim
         width = config.hidden_size
-        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
+        self.q_proj = Linear(width, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, width, bias=False)
         self.fused_kv: FusedProjections | None = None
 
-    def fuse(self, input_major: bool = False, copy_values: bool = True) -> None:
-        self.fused_kv = FusedProjections([self.k_proj, self.v_proj], input_major, copy_values)
+    def fuse(self, mode: str = "copy") -> None:
+        self.fused_kv = fuse_linears([self.k_proj, self.v_proj], mode)
 
     def forward(
         self,

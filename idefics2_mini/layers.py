@@ -42,39 +42,73 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+# ----------------------------------------------------------------------------- linear layers
+#
+# Which CPU matmul runs a linear. torch's F.linear hands fp32 to MKL's sgemm, which on the AMD
+# EPYC this project is benchmarked on reads a big weight at 30-70% of the memory bandwidth for
+# decode-sized inputs (1-8 rows) and is up to 4x slower than oneDNN's inner product at 8 rows.
+# oneDNN (the library torch's own CPU compiler, Inductor, emits `mkldnn._linear_pointwise` for)
+# reads the plain [out, in] weight at ~100% of the bandwidth at one row, and is faster at
+# prefill sizes too (0.5-0.95x the time); see benchmarks/results/amd-epyc/linear_backends.md.
+# Below ~0.5M weight elements its fixed cost per call (~15 us) loses to MKL, so small weights
+# stay on F.linear. Only for inference (oneDNN's op has no autograd formula) and fp32 (bf16
+# F.linear already goes to oneDNN inside torch).
+ONEDNN_MIN_WEIGHT_ELEMENTS = 2**19
+
+
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN, or without the op
+        return False
+
+
+ONEDNN_LINEAR = _onednn_linear_available()  # set False to run every linear through F.linear
+_onednn_linear_op = torch.ops.mkldnn._linear_pointwise if ONEDNN_LINEAR else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ weight[out, in].T + bias [out] -> [..., out]: F.linear's contract, run by
+    oneDNN for big fp32 weights at inference on the CPU (see ONEDNN_MIN_WEIGHT_ELEMENTS)."""
+    if (
+        ONEDNN_LINEAR
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
+        and weight.stride(1) == 1
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad)))
+    ):
+        return _onednn_linear_op(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, names and init) whose forward is `linear` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class FusedProjections:
     """Linears that read the same input (q/k/v, gate/up), stored as ONE weight matrix whose row
     blocks *are* the linears' parameters (views, no copy): one matmul instead of several, which
-    reads the weights in one pass and keeps all cores busy on small (decode) inputs.
+    reads the weights in one pass and, for small (decode) inputs, pays one call's overhead.
 
     The checkpoint names stay the linears' own (q_proj.weight, ...). Fusion lasts while the
     parameters still live in the fused storage: moving or converting the model (`.to()`) makes
     new, separate tensors, and `current()` then says so and the caller falls back to the
     separate linears (call `Idefics2.fuse_projections()` again to re-fuse).
-
-    `input_major=True` stores the matrix as [in, out] in memory (the weight is its transposed
-    view, still [out, in] to every caller): CPU BLAS runs x @ W for a few rows of x markedly
-    faster in that layout than with the [out, in] one (see `store_input_major`).
     """
 
-    def __init__(self, linears: list[nn.Linear], input_major: bool = False, copy_values: bool = True):
-        """copy_values=False only lays the storage out (the loader fills it afterwards).
-        input_major applies only when the fused matrix widens its input (out > in)."""
-        input_major = input_major and sum(linear.out_features for linear in linears) > linears[0].in_features
-        has_bias = [linear.bias is not None for linear in linears]
-        if any(has_bias) and not all(has_bias):
-            raise ValueError("cannot fuse linears where only some have a bias")
-        with torch.no_grad():
-            self.weight = _stack_rows([linear.weight for linear in linears], input_major, copy_values)
-            self.bias = _stack_rows([linear.bias for linear in linears], False, copy_values) if all(has_bias) else None
-        self.sizes = [linear.out_features for linear in linears]
+    def __init__(self, linears: list[nn.Linear], weight: torch.Tensor, bias: torch.Tensor | None):
+        """weight [sum out_i, in] (bias [sum out_i]) must already hold the linears' parameters
+        as its row blocks; use `fuse_linears` to make one."""
         self.linears = linears
-        start = 0
-        for linear, size in zip(linears, self.sizes):
-            linear.weight = nn.Parameter(self.weight[start : start + size], requires_grad=linear.weight.requires_grad)
-            if self.bias is not None:
-                linear.bias = nn.Parameter(self.bias[start : start + size], requires_grad=linear.bias.requires_grad)
-            start += size
+        self.sizes = [linear.out_features for linear in linears]
+        self.weight, self.bias = weight, bias
 
     def current(self) -> bool:
         """True while the linears' parameters are still views of the fused matrix. Fusion is
@@ -85,33 +119,75 @@ class FusedProjections:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one output per linear, [..., out_i] each (views of one result)."""
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
-def _stack_rows(tensors: list[torch.Tensor], input_major: bool, copy_values: bool) -> torch.Tensor:
-    """Concatenate along dim 0 into new storage ([in, sum_out] in memory when input_major)."""
+FUSE_MODES = ("copy", "empty", "adjacent")
+
+
+def fuse_linears(linears: list[nn.Linear], mode: str = "copy") -> FusedProjections | None:
+    """Fuse linears that read the same input. mode:
+
+    - "copy": a new matrix holding their values; their parameters become its row blocks;
+    - "empty": the same layout, values left uninitialised (the loader fills them afterwards);
+    - "adjacent": no new storage: fused only when their weights (and biases) already lie back
+      to back, in order, in one storage (a memory-mapped checkpoint can hold them so), and then
+      the fused matrix is a view spanning them; otherwise None (they run one by one).
+    """
+    if mode not in FUSE_MODES:
+        raise ValueError(f"fusion mode must be one of {FUSE_MODES}, got {mode!r}")
+    has_bias = [linear.bias is not None for linear in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("cannot fuse linears where only some have a bias")
+    weights = [linear.weight for linear in linears]
+    biases = [linear.bias for linear in linears] if all(has_bias) else None
+    if mode == "adjacent":
+        weight = _span(weights)
+        bias = None if biases is None else _span(biases)
+        if weight is None or (biases is not None and bias is None):
+            return None
+        return FusedProjections(linears, weight, bias)
+    with torch.no_grad():
+        weight = _stack_rows(weights, mode == "copy")
+        bias = None if biases is None else _stack_rows(biases, mode == "copy")
+    start = 0
+    for linear in linears:
+        size = linear.out_features
+        linear.weight = nn.Parameter(weight[start : start + size], requires_grad=linear.weight.requires_grad)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias[start : start + size], requires_grad=linear.bias.requires_grad)
+        start += size
+    return FusedProjections(linears, weight, bias)
+
+
+def _stack_rows(tensors: list[torch.Tensor], copy_values: bool) -> torch.Tensor:
+    """Concatenate along dim 0 into new storage (uninitialised unless copy_values)."""
     if copy_values:
-        if input_major:
-            return torch.cat([t.t() for t in tensors], dim=1).t()
         return torch.cat(tensors)
     first = tensors[0]
     rows = sum(t.shape[0] for t in tensors)
-    if input_major:
-        return torch.empty(first.shape[1], rows, dtype=first.dtype, device=first.device).t()
     return torch.empty(rows, *first.shape[1:], dtype=first.dtype, device=first.device)
 
 
-def store_input_major(linear: nn.Linear, copy_values: bool = True) -> None:
-    """Keep `linear.weight` ([out, in]) as the transposed view of an [in, out] contiguous
-    tensor. Same values, same shape and name; F.linear then hands BLAS x @ W_t with W_t
-    contiguous, which on CPU is the faster GEMV/skinny-GEMM layout (decode, small batches)."""
-    weight = linear.weight
-    with torch.no_grad():
-        if copy_values:
-            stored = weight.t().contiguous().t()
-        else:
-            stored = torch.empty(weight.shape[1], weight.shape[0], dtype=weight.dtype, device=weight.device).t()
-        linear.weight = nn.Parameter(stored, requires_grad=weight.requires_grad)
+def _span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor viewing `tensors` stacked along dim 0, when they are contiguous and lie back
+    to back in one storage; else None."""
+    first = tensors[0]
+    if first.device.type == "meta":
+        return None
+    offset = first.storage_offset()
+    for tensor in tensors:
+        if (
+            not tensor.is_contiguous()
+            or tensor.dtype != first.dtype
+            or tensor.shape[1:] != first.shape[1:]
+            or tensor.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or tensor.storage_offset() != offset
+        ):
+            return None
+        offset += tensor.numel()
+    rows = sum(tensor.shape[0] for tensor in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def project(fused: FusedProjections | None, linears: list[nn.Linear], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -126,13 +202,13 @@ class SwiGLU(nn.Module):
 
     def __init__(self, in_width: int, hidden_width: int, out_width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(in_width, hidden_width, bias=False)
-        self.up_proj = nn.Linear(in_width, hidden_width, bias=False)
-        self.down_proj = nn.Linear(hidden_width, out_width, bias=False)
+        self.gate_proj = Linear(in_width, hidden_width, bias=False)
+        self.up_proj = Linear(in_width, hidden_width, bias=False)
+        self.down_proj = Linear(hidden_width, out_width, bias=False)
         self.fused_gate_up: FusedProjections | None = None
 
-    def fuse(self, input_major: bool = False, copy_values: bool = True) -> None:
-        self.fused_gate_up = FusedProjections([self.gate_proj, self.up_proj], input_major, copy_values)
+    def fuse(self, mode: str = "copy") -> None:
+        self.fused_gate_up = fuse_linears([self.gate_proj, self.up_proj], mode)
 
     # Above this many input rows the two halves of a fused gate/up output are big strided
     # views, and silu and the product over them cost more than the fused matmul saves

@@ -132,13 +132,19 @@ def _tensor_names(file: Path) -> list[str]:
     return list(read_header(file)[0])
 
 
-def _iter_tensors(files: dict[str, Path], wanted: Callable[[str], bool]) -> Iterator[tuple[str, Path, torch.Tensor]]:
-    """Yield (official name, file, tensor) one at a time, file by file.
+def _iter_tensors(
+    files: dict[str, Path], wanted: Callable[[str], bool], keep_mapped: bool = False
+) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """Yield (official name, file, tensor) one at a time, file by file; each tensor is a
+    zero-copy view of the file's memory mapping (private: writing to it never touches the file).
 
-    Each file is memory-mapped; a yielded tensor is a zero-copy view of the mapping that is
-    only valid until the next one is asked for (the caller copies it into its parameter).
-    Pages already read are handed back to the kernel after each tensor, so the process never
-    holds more than one source tensor besides the model it is building.
+    keep_mapped=False (copy loading): a yielded view is valid only until the next one is asked
+    for (the caller copies it into its parameter), and the pages it read are handed back to
+    the kernel right after, so the process never holds more than one source tensor besides the
+    model it is building.
+    keep_mapped=True (mapped loading): the views stay valid for as long as they are referenced
+    (each keeps its file's mapping alive), and tensors that lie back to back in the file are
+    views of one storage, back to back (which is what lets gate/up fuse without a copy).
     """
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
@@ -147,19 +153,30 @@ def _iter_tensors(files: dict[str, Path], wanted: Callable[[str], bool]) -> Iter
     page = mmap.PAGESIZE
     for file, names in by_file.items():
         header, data_start = read_header(file)
-        with open(file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-            for name in names:
-                if name not in header:
-                    raise CheckpointError(f"{file} does not hold tensor {name}, which the index says it does")
-                entry = header[name]
-                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-                begin, end = (data_start + offset for offset in entry["data_offsets"])
-                view = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
-                yield name, file, view.reshape(entry["shape"])
-                del view
-                aligned = begin - begin % page
-                if hasattr(mapped, "madvise") and end > aligned:
-                    mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+        with open(file, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        file_bytes = torch.frombuffer(mapped, dtype=torch.uint8) if keep_mapped else None
+        for name in names:
+            if name not in header:
+                raise CheckpointError(f"{file} does not hold tensor {name}, which the index says it does")
+            entry = header[name]
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = (data_start + offset for offset in entry["data_offsets"])
+            if keep_mapped:
+                if begin % dtype.itemsize:
+                    raise CheckpointError(f"{file}: tensor {name} is not aligned to its {dtype} elements; "
+                                          "load it with mmap=False")
+                yield name, file, file_bytes[begin:end].view(dtype).view(entry["shape"])
+                continue
+            view = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+            yield name, file, view.reshape(entry["shape"])
+            del view
+            aligned = begin - begin % page
+            if hasattr(mapped, "madvise") and end > aligned:
+                mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+        del file_bytes
+        if not keep_mapped:
+            mapped.close()
 
 
 def load_model(
@@ -167,20 +184,30 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    mmap: bool | None = None,
 ) -> Idefics2:
     """Build the model from `path` (config.json + official safetensors) in `dtype` on `device`.
 
-    The model is created on the meta device (no memory), its storage is then laid out once in
-    `dtype` on `device` in its final form (fused and, on CPU, input-major projections; see
-    `Idefics2.fuse_projections`), and each checkpoint tensor is copied straight from the
-    memory-mapped file into its parameter, converting dtype on the way: peak memory is the
-    model in the target dtype plus one tensor in flight. Strict: every expected tensor present,
-    nothing unexpected, every shape equal; otherwise CheckpointError naming tensor and file.
-    `progress(done, total)` is called after each file is read.
+    Two ways, the same model and the same checks:
+
+    - mapped (mmap=True; the default on the CPU when every checkpoint tensor is already in
+      `dtype`): the parameters *are* the checkpoint's bytes, views of a private (copy-on-write)
+      memory mapping of each file. Nothing is read at load time: pages are read on first use
+      and stay shared with the page cache, like the reference's loader. Changing a parameter
+      in place never writes to the file. Projections are fused only where the file already
+      holds them back to back (gate/up in the official layout); q/k/v run one by one.
+    - copied (mmap=False, and always on GPUs or when converting dtype): the model is laid out
+      once in `dtype` on `device` in its final form (fused projections; see
+      `Idefics2.fuse_projections`) and each tensor is copied from the mapped file into it,
+      converting on the way: peak memory is the model plus one tensor in flight.
+
+    Strict: every expected tensor present, nothing unexpected, every shape equal; otherwise
+    CheckpointError naming tensor and file. `progress(done, total)` is called after each file.
     """
     path = Path(path)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    device = torch.device(device)
     config = Idefics2Config.from_pretrained(path)
     files = checkpoint_files(path)
     with torch.device("meta"):
@@ -199,21 +226,22 @@ def load_model(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {shown}")
 
-    _allocate_parameters(model, dtype, device)  # uninitialised; every one is overwritten below
-    if config.text.tie_word_embeddings:
-        model.lm_head.weight = model.text.embed_tokens.weight
-    model.fuse_projections(copy_values=False)
+    mapped = _use_mapping(mmap, files, dtype, device)
+    if not mapped:
+        _allocate_parameters(model, dtype, device)  # uninitialised; every one is overwritten below
+        model.fuse_projections("empty")
     expected = dict(model.named_parameters())
     total_files = len(set(files.values()))
     current_file, files_done = None, 0
     with torch.no_grad():
-        for name, file, tensor in _iter_tensors(files, lambda _: True):
+        for name, file, tensor in _iter_tensors(files, lambda _: True, keep_mapped=mapped):
             if file != current_file:
                 if current_file is not None and progress is not None:
                     files_done += 1
                     progress(files_done, total_files)
                 current_file = file
-            target = expected[official_to_ours(name)]
+            ours = official_to_ours(name)
+            target = expected[ours]
             if tuple(tensor.shape) != tuple(target.shape):
                 raise CheckpointError(
                     f"{file.name}: tensor {name} has shape {list(tensor.shape)} but the config "
@@ -221,16 +249,44 @@ def load_model(
                 )
             if not tensor.is_floating_point():
                 raise CheckpointError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected floating point")
-            # A copy (converting dtype, moving device): parameters never alias the mapped file.
-            copy_into(target, tensor)
+            if mapped:
+                module_name, _, attribute = ours.rpartition(".")
+                setattr(model.get_submodule(module_name), attribute, torch.nn.Parameter(tensor, requires_grad=False))
+            else:
+                target.copy_(tensor)  # converting dtype, moving device: parameters never alias the file
             del tensor
     if progress is not None and current_file is not None:
         progress(files_done + 1, total_files)
+    if config.text.tie_word_embeddings:
+        model.lm_head.weight = model.text.embed_tokens.weight
+    if mapped:
+        model.fuse_projections("adjacent")
     # Non-persistent buffers (RoPE frequencies) are recomputed, not loaded.
     model.text.rotary = type(model.text.rotary)(config.text.head_dim, config.text.rope_theta).to(device)
     model.generation_defaults = GenerationDefaults.from_pretrained(path, config)
     model.eval()
     return model
+
+
+def _use_mapping(mmap: bool | None, files: dict[str, Path], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether parameters can be views of the mapped files: on the CPU, and only when no tensor
+    needs converting. mmap=None picks that whenever it can; True insists (or says why not)."""
+    if mmap is False:
+        return False
+    reason = None
+    if device.type != "cpu":
+        reason = f"the model goes to {device}, not the CPU"
+    else:
+        for file in sorted(set(files.values())):
+            header, _ = read_header(file)
+            stored = {SAFETENSORS_DTYPES[entry["dtype"]] for entry in header.values()}
+            if stored != {dtype}:
+                shown = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored))
+                reason = f"{file.name} holds {shown} tensors and the model is asked for {dtype}"
+                break
+    if reason is not None and mmap:
+        raise ValueError(f"cannot map the checkpoint (mmap=True): {reason}; load with mmap=False to copy")
+    return reason is None
 
 
 def _allocate_parameters(model: torch.nn.Module, dtype: torch.dtype, device) -> None:
@@ -241,17 +297,6 @@ def _allocate_parameters(model: torch.nn.Module, dtype: torch.dtype, device) -> 
         module_name, _, attribute = name.rpartition(".")
         storage = torch.empty(param.shape, dtype=dtype, device=device)
         setattr(model.get_submodule(module_name), attribute, torch.nn.Parameter(storage, requires_grad=False))
-
-
-def copy_into(target: torch.Tensor, source: torch.Tensor, rows_per_chunk: int = 128) -> None:
-    """target.copy_(source), done in row chunks when target is an input-major (transposed)
-    view: a whole-matrix transposing copy thrashes the cache, chunks of rows stay in it
-    (about 2.5x faster for the big projections)."""
-    if target.dim() != 2 or target.stride(1) == 1 or target.shape[0] <= rows_per_chunk:
-        target.copy_(source)
-        return
-    for start in range(0, target.shape[0], rows_per_chunk):
-        target[start : start + rows_per_chunk].copy_(source[start : start + rows_per_chunk])
 
 
 def save_checkpoint(

@@ -20,7 +20,7 @@ from .cache import KVCache
 from .config import Idefics2Config
 from .connector import Connector
 from .generation import GenerationDefaults, generate
-from .layers import FusedProjections, store_input_major
+from .layers import Linear
 from .packing import PackedImages, pack_images, pack_padded
 from .text import TextDecoder
 from .vision import VisionTransformer, patch_mask_from_pixel_mask
@@ -47,7 +47,7 @@ class Idefics2(nn.Module):
         self.vision = VisionTransformer(config.vision)
         self.connector = Connector(config)
         self.text = TextDecoder(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.text.embed_tokens.weight
         # How the vision tower runs images of different sizes (see get_image_features).
@@ -205,31 +205,15 @@ class Idefics2(nn.Module):
         """-> LongTensor [B, T + new]; see `idefics2_mini.generation.generate` for the options."""
         return generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask, **options)
 
-    def fuse_projections(self, input_major: bool | None = None, copy_values: bool = True) -> Idefics2:
-        """Serve q/k/v (and the perceiver's k/v) and every SwiGLU's gate/up with one matrix each,
-        without copying (the separate parameters become views of it; names unchanged).
-
-        input_major (default: when the model is on the CPU) also stores the weights of linears
-        that widen their input (out > in: q/k/v, gate/up, fc1, lm_head) as [in, out] in memory,
-        the layout CPU BLAS multiplies fastest for decode-sized inputs (measured in
-        benchmarks/results/*/linear_layout.md); narrowing ones are faster as they are.
-        Done by `from_pretrained` (before loading, with copy_values=False: it only lays out the
-        storage the checkpoint is then copied into); redo it after moving or converting the model."""
-        if input_major is None:
-            input_major = self.device.type == "cpu"
-        fused: set[nn.Linear] = set()
+    def fuse_projections(self, mode: str = "copy") -> Idefics2:
+        """Serve q/k/v (and the perceiver's k/v) and every SwiGLU's gate/up with one matrix each
+        (the separate parameters become views of it; names unchanged). `mode` is
+        `layers.fuse_linears`'s: "copy" (default) fuses the current values; `from_pretrained`
+        uses "empty" before copying the checkpoint in, or "adjacent" when the parameters are
+        views of the memory-mapped checkpoint. Redo it after moving or converting the model."""
         for module in self.modules():
             if hasattr(module, "fuse") and module is not self:
-                module.fuse(input_major, copy_values)
-                for value in vars(module).values():
-                    if isinstance(value, FusedProjections):
-                        fused.update(value.linears)
-        if input_major:
-            tied = self.lm_head.weight is self.text.embed_tokens.weight
-            for module in self.modules():
-                if isinstance(module, nn.Linear) and module not in fused and not (module is self.lm_head and tied):
-                    if module.out_features > module.in_features:
-                        store_input_major(module, copy_values)
+                module.fuse(mode)
         return self
 
     def new_cache(self, batch_size: int, max_tokens: int) -> KVCache:

@@ -13,7 +13,7 @@ import kernels
 
 from .cache import KVCache
 from .config import TextConfig
-from .layers import FusedProjections, RMSNorm, SwiGLU, embedding, project
+from .layers import FusedProjections, Linear, RMSNorm, SwiGLU, embedding, fuse_linears, project
 
 
 class RotaryEmbedding(nn.Module):
@@ -73,14 +73,14 @@ class TextAttention(nn.Module):
         self.head_dim = config.head_dim
         self.sliding_window = config.sliding_window
         width = config.hidden_size
-        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
+        self.q_proj = Linear(width, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, width, bias=False)
         self.fused_qkv: FusedProjections | None = None
 
-    def fuse(self, input_major: bool = False, copy_values: bool = True) -> None:
-        self.fused_qkv = FusedProjections([self.q_proj, self.k_proj, self.v_proj], input_major, copy_values)
+    def fuse(self, mode: str = "copy") -> None:
+        self.fused_qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj], mode)
 
     def forward(
         self,

@@ -16,7 +16,7 @@ from torch import nn
 import kernels
 
 from .config import VisionConfig
-from .layers import FusedProjections, embedding, project
+from .layers import FusedProjections, Linear, embedding, fuse_linears, linear, project
 from .packing import PackedImages
 
 
@@ -79,7 +79,7 @@ class VisionEmbeddings(nn.Module):
         """Packed patches [P, 3, p, p] -> [P, C]. The conv with stride = kernel is a linear map
         of each flattened patch; position ids come from each image's own grid."""
         weight = self.patch_embedding.weight
-        embeddings = F.linear(packed.patches.flatten(1), weight.flatten(1), self.patch_embedding.bias)
+        embeddings = linear(packed.patches.flatten(1), weight.flatten(1), self.patch_embedding.bias)
         ids_by_grid: dict[tuple[int, int], torch.Tensor] = {}
         position_ids = []
         for rows, cols in packed.grid_sizes.tolist():
@@ -97,14 +97,14 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.q_proj = Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = Linear(config.hidden_size, config.hidden_size)
         self.fused_qkv: FusedProjections | None = None
 
-    def fuse(self, input_major: bool = False, copy_values: bool = True) -> None:
-        self.fused_qkv = FusedProjections([self.q_proj, self.k_proj, self.v_proj], input_major, copy_values)
+    def fuse(self, mode: str = "copy") -> None:
+        self.fused_qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj], mode)
 
     def forward(
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, packed: PackedImages | None = None
@@ -133,8 +133,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

@@ -35,3 +35,17 @@ def test_e2e_benchmark_quick_run(tmp_path):
     assert len(prefill) == 2 and all(float(rows[name]["ours"]) > 0 for name in prefill)
     if "reference" in impls:
         assert "greedy batch-1 outputs agree on" in markdown
+
+
+def test_linear_backends_benchmark_quick_run(tmp_path):
+    from idefics2_mini import layers  # noqa: PLC0415
+
+    if not layers.ONEDNN_LINEAR:
+        return
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "linear_backends.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    table = (tmp_path / "linear_backends.md").read_text()
+    assert table.count("| tiny lm_head |") == 4 and "oneDNN" in table

@@ -119,7 +119,7 @@ def test_empty_folder_and_missing_folder(tmp_path):
 
 
 def test_projections_are_fused_without_copies(checkpoint):
-    model = im.Idefics2.from_pretrained(checkpoint)
+    model = im.Idefics2.from_pretrained(checkpoint, mmap=False)
     attention = model.text.layers[0].self_attn
     fused = attention.fused_qkv
     assert fused is not None
@@ -142,3 +142,43 @@ def test_projections_are_fused_without_copies(checkpoint):
         assert (moved(ids).float() - fused_logits.detach()).abs().max() <= 1e-4
         moved.fuse_projections()
         assert attention.fused_qkv.current() and attention.fused_qkv.weight.dtype == torch.float64
+
+
+def test_mapped_load_aliases_the_file_copy_on_write(checkpoint, tmp_path):
+    """The CPU default for a checkpoint already in the asked dtype: parameters are views of the
+    mapped file. Same values and logits as a copied load; writing to a parameter leaves the
+    file alone; gate/up (back to back in the file) are fused as a view, q/k/v are not."""
+    path = copy_of(checkpoint, tmp_path)
+    file_bytes_before = (path / SINGLE_FILE).read_bytes()
+    mapped = im.Idefics2.from_pretrained(path)
+    copied = im.Idefics2.from_pretrained(path, mmap=False)
+    for (name, a), (_, b) in zip(mapped.named_parameters(), copied.named_parameters()):
+        assert torch.equal(a, b), name
+        assert not a.requires_grad
+    mlp = mapped.text.layers[0].mlp
+    assert mlp.fused_gate_up is not None and mlp.fused_gate_up.current()
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_proj.weight.data_ptr() + mlp.gate_proj.weight.nbytes
+    assert mapped.text.layers[0].self_attn.fused_qkv is None  # k, o, q, v order in the file
+    storages = {p.untyped_storage().data_ptr() for p in mapped.parameters()}
+    assert len(storages) == 1  # one mapping for the single file
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert (mapped(ids) - copied(ids)).abs().max() <= 1e-5
+        mapped.text.layers[0].mlp.down_proj.weight.mul_(2)  # copy-on-write: private to this process
+    assert (path / SINGLE_FILE).read_bytes() == file_bytes_before
+    assert torch.equal(im.Idefics2.from_pretrained(path).text.layers[0].mlp.down_proj.weight,
+                       copied.text.layers[0].mlp.down_proj.weight)
+
+
+def test_mapped_load_sharded_and_when_it_cannot_map(checkpoint, tmp_path):
+    model = im.Idefics2.from_pretrained(checkpoint, mmap=False)
+    im.save_checkpoint(model, tmp_path / "sharded", max_shard_bytes=2_000_000)
+    sharded = im.Idefics2.from_pretrained(tmp_path / "sharded")
+    assert len({p.untyped_storage().data_ptr() for p in sharded.parameters()}) > 1
+    for (name, a), (_, b) in zip(sharded.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name
+    # Converting dtype needs a copy: the default copies, insisting on a mapping is an error.
+    bf16 = im.Idefics2.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    assert bf16.text.layers[0].self_attn.fused_qkv is not None
+    with pytest.raises(ValueError, match="cannot map the checkpoint.*float32.*bfloat16"):
+        im.Idefics2.from_pretrained(checkpoint, dtype=torch.bfloat16, mmap=True)

@@ -1,0 +1,103 @@
+"""F.linear (MKL sgemm) vs oneDNN's inner product on the CPU, for the model's own linear shapes.
+
+    python benchmarks/linear_backends.py [--threads N] [--quick]
+
+Why `idefics2_mini.layers.linear` sends big fp32 weights to oneDNN and keeps small ones on
+F.linear: for each weight shape of Idefics2-8B (and of the e2e benchmark's tiny model) and each
+number of input rows (1 and 8 = decode, 99 / 359 = prefill of one image unsplit / split), the
+median time of both backends on the same plain [out, in] weight, and the weight read rate
+(bytes of the weight / time). Results: benchmarks/results/<machine>/linear_backends.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/kernels.py
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import machine_info, slug  # noqa: E402
+from idefics2_mini import layers  # noqa: E402
+
+# (name, out, in): the 8B decoder, projector and vision tower, and the tiny model of e2e.py
+SHAPES = [
+    ("8B lm_head", 32003, 4096),
+    ("8B gate+up (fused)", 28672, 4096),
+    ("8B down", 4096, 14336),
+    ("8B q+k+v (fused)", 6144, 4096),
+    ("8B o_proj", 4096, 4096),
+    ("8B vision fc1", 4304, 1152),
+    ("8B vision q+k+v (fused)", 3456, 1152),
+    ("tiny lm_head", 32003, 128),
+    ("tiny gate+up (fused)", 512, 128),
+    ("tiny down", 128, 256),
+]
+QUICK_SHAPES = ["8B o_proj", "tiny lm_head", "tiny gate+up (fused)"]
+
+
+def median_us(fn, seconds: float) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seconds", type=float, default=0.5, help="time spent on each measurement")
+    parser.add_argument("--quick", action="store_true", help="three shapes, short runs (a smoke test)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<machine>)")
+    args = parser.parse_args(argv)
+    if not layers.ONEDNN_LINEAR:
+        sys.exit("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    torch.set_num_threads(args.threads)
+    info = machine_info(torch.device("cpu"), args.threads)
+    shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK_SHAPES]
+    seconds = 0.05 if args.quick else args.seconds
+    onednn = layers._onednn_linear_op
+
+    lines = [
+        f"# CPU linear backends: F.linear (MKL) vs oneDNN — {info['cpu']}", "",
+        f"- {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, {info['date']}; fp32, "
+        f"plain [out, in] weights, inference (no grad); median of repeated calls ({seconds} s each)",
+        "- `linear` in idefics2_mini/layers.py uses oneDNN when the weight has at least "
+        f"{layers.ONEDNN_MIN_WEIGHT_ELEMENTS:,} elements",
+        "- ratio = oneDNN time / F.linear time (below 1: oneDNN faster); GB/s = weight bytes / time",
+        "", "| weight | [out, in] | rows | F.linear µs | oneDNN µs | ratio | oneDNN GB/s | picked |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    with torch.no_grad():
+        for name, out_features, in_features in shapes:
+            weight = torch.randn(out_features, in_features)
+            for rows in (1, 8, 99, 359):
+                x = torch.randn(rows, in_features)
+                mkl = median_us(lambda: F.linear(x, weight), seconds)
+                dnn = median_us(lambda: onednn(x, weight, None, "none", [], ""), seconds)
+                picked = "oneDNN" if weight.numel() >= layers.ONEDNN_MIN_WEIGHT_ELEMENTS else "F.linear"
+                row = (f"| {name} | [{out_features}, {in_features}] | {rows} | {mkl:,.0f} | {dnn:,.0f} | "
+                       f"{dnn / mkl:.2f} | {weight.numel() * 4 / dnn / 1e3:.1f} | {picked} |")
+                print(row, flush=True)
+                lines.append(row)
+    out_dir = args.out or HERE / "results" / slug(info["cpu"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "linear_backends.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out_dir / 'linear_backends.md'}")
+
+
+if __name__ == "__main__":
+    main()
