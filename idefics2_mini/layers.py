@@ -122,7 +122,7 @@ class FusedProjections:
         return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
-FUSE_MODES = ("copy", "empty", "adjacent")
+FUSE_MODES = ("copy", "empty", "mapped")
 
 
 def fuse_linears(linears: list[nn.Linear], mode: str = "copy") -> FusedProjections | None:
@@ -130,9 +130,13 @@ def fuse_linears(linears: list[nn.Linear], mode: str = "copy") -> FusedProjectio
 
     - "copy": a new matrix holding their values; their parameters become its row blocks;
     - "empty": the same layout, values left uninitialised (the loader fills them afterwards);
-    - "adjacent": no new storage: fused only when their weights (and biases) already lie back
-      to back, in order, in one storage (a memory-mapped checkpoint can hold them so), and then
-      the fused matrix is a view spanning them; otherwise None (they run one by one).
+    - "mapped" (parameters that are views of a memory-mapped checkpoint): a view spanning
+      their weights (and biases) when those already lie back to back, in order, in one storage
+      (no new memory); otherwise a copy when they are small (together below
+      ONEDNN_MIN_WEIGHT_ELEMENTS: there the per-call cost of three small matmuls instead of
+      one is what decode pays, and the copy is cheap); otherwise None: they run one by one
+      (a big matmul gains next to nothing from fusion, and copying it would cost load time
+      and memory).
     """
     if mode not in FUSE_MODES:
         raise ValueError(f"fusion mode must be one of {FUSE_MODES}, got {mode!r}")
@@ -141,12 +145,14 @@ def fuse_linears(linears: list[nn.Linear], mode: str = "copy") -> FusedProjectio
         raise ValueError("cannot fuse linears where only some have a bias")
     weights = [linear.weight for linear in linears]
     biases = [linear.bias for linear in linears] if all(has_bias) else None
-    if mode == "adjacent":
+    if mode == "mapped":
         weight = _span(weights)
         bias = None if biases is None else _span(biases)
-        if weight is None or (biases is not None and bias is None):
+        if weight is not None and (biases is None or bias is not None):
+            return FusedProjections(linears, weight, bias)
+        if sum(w.numel() for w in weights) >= ONEDNN_MIN_WEIGHT_ELEMENTS:
             return None
-        return FusedProjections(linears, weight, bias)
+        mode = "copy"
     with torch.no_grad():
         weight = _stack_rows(weights, mode == "copy")
         bias = None if biases is None else _stack_rows(biases, mode == "copy")

@@ -194,8 +194,9 @@ def load_model(
       `dtype`): the parameters *are* the checkpoint's bytes, views of a private (copy-on-write)
       memory mapping of each file. Nothing is read at load time: pages are read on first use
       and stay shared with the page cache, like the reference's loader. Changing a parameter
-      in place never writes to the file. Projections are fused only where the file already
-      holds them back to back (gate/up in the official layout); q/k/v run one by one.
+      in place never writes to the file. Projections are fused as views where the file holds
+      them back to back (gate/up in the official layout); q/k/v are copied into a fused matrix
+      only when small, else they run one by one (see `layers.fuse_linears`, mode "mapped").
     - copied (mmap=False, and always on GPUs or when converting dtype): the model is laid out
       once in `dtype` on `device` in its final form (fused projections; see
       `Idefics2.fuse_projections`) and each tensor is copied from the mapped file into it,
@@ -260,7 +261,7 @@ def load_model(
     if config.text.tie_word_embeddings:
         model.lm_head.weight = model.text.embed_tokens.weight
     if mapped:
-        model.fuse_projections("adjacent")
+        model.fuse_projections("mapped")
     # Non-persistent buffers (RoPE frequencies) are recomputed, not loaded.
     model.text.rotary = type(model.text.rotary)(config.text.head_dim, config.text.rope_theta).to(device)
     model.generation_defaults = GenerationDefaults.from_pretrained(path, config)

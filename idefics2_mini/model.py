@@ -209,7 +209,7 @@ class Idefics2(nn.Module):
         """Serve q/k/v (and the perceiver's k/v) and every SwiGLU's gate/up with one matrix each
         (the separate parameters become views of it; names unchanged). `mode` is
         `layers.fuse_linears`'s: "copy" (default) fuses the current values; `from_pretrained`
-        uses "empty" before copying the checkpoint in, or "adjacent" when the parameters are
+        uses "empty" before copying the checkpoint in, or "mapped" when the parameters are
         views of the memory-mapped checkpoint. Redo it after moving or converting the model."""
         for module in self.modules():
             if hasattr(module, "fuse") and module is not self:
