@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -319,7 +320,7 @@ def save_checkpoint(
         tensors[ours_to_official(name)] = (value if dtype is None else value.to(dtype)).contiguous().cpu()
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
-        save_file(tensors, str(path / SINGLE_FILE), metadata={"format": "pt"})
+        _save_file_replacing(tensors, path / SINGLE_FILE)
         return
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_size = 0
@@ -333,7 +334,17 @@ def save_checkpoint(
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / shard_name), metadata={"format": "pt"})
+        _save_file_replacing(shard, path / shard_name)
         weight_map.update({name: shard_name for name in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _save_file_replacing(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Write a safetensors file next to `file`, then rename it over `file`. A model loaded
+    mapped may be saving over the very files its parameters are views of: truncating such a
+    file in place would pull the bytes from under them (a crash on the next read). Renaming
+    leaves the old file alive, unnamed, for as long as something maps it."""
+    partial = file.with_name(file.name + ".partial")
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    os.replace(partial, file)

@@ -189,3 +189,18 @@ def test_mapped_load_sharded_and_when_it_cannot_map(checkpoint, tmp_path):
     assert bf16.text.layers[0].self_attn.fused_qkv is not None
     with pytest.raises(ValueError, match="cannot map the checkpoint.*float32.*bfloat16"):
         im.Idefics2.from_pretrained(checkpoint, dtype=torch.bfloat16, mmap=True)
+
+
+def test_mapped_model_can_save_over_its_own_files(checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    model = im.Idefics2.from_pretrained(path)  # parameters are views of path's files
+    copied = im.Idefics2.from_pretrained(path, mmap=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)  # a change, made in the private mapping
+    im.save_checkpoint(model, path)
+    im.save_checkpoint(model, path, max_shard_bytes=2_000_000)  # now sharded, still over itself
+    reloaded = im.Idefics2.from_pretrained(path)
+    for (name, a), (_, b) in zip(reloaded.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert torch.equal(reloaded.lm_head.weight, 3 * copied.lm_head.weight)
+    assert not list(path.glob("*.partial"))
