@@ -280,11 +280,14 @@ def _use_mapping(mmap: bool | None, files: dict[str, Path], dtype: torch.dtype, 
         reason = f"the model goes to {device}, not the CPU"
     else:
         for file in sorted(set(files.values())):
-            header, _ = read_header(file)
+            header, data_start = read_header(file)
             stored = {SAFETENSORS_DTYPES[entry["dtype"]] for entry in header.values()}
             if stored != {dtype}:
                 shown = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored))
                 reason = f"{file.name} holds {shown} tensors and the model is asked for {dtype}"
+                break
+            if any((data_start + entry["data_offsets"][0]) % dtype.itemsize for entry in header.values()):
+                reason = f"{file.name} has tensors that do not start on a {dtype} element boundary"
                 break
     if reason is not None and mmap:
         raise ValueError(f"cannot map the checkpoint (mmap=True): {reason}; load with mmap=False to copy")
