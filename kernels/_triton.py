@@ -69,8 +69,34 @@ if triton is not None:
                 x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
         return x.to(dtype)
 
+    @triton.jit
+    def online_softmax_step(s, v, m_i, l_i, acc, P_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            UPCAST_BF16: tl.constexpr, FIX_BF16: tl.constexpr):
+        """Fold one block of keys into a running softmax(s) @ V (flash attention's recurrence,
+        in base 2: s is already scaled by log2(e)).
+
+        s [M, N] scores with -inf where a key is masked; v [N, D] the block's values;
+        m_i [M] running max, l_i [M] running sum of exp2(s - m_i), acc [M, D] running
+        unnormalised output. Returns the updated (m_i, l_i, acc); the caller divides acc by
+        l_i at the end (l_i = 0: the row saw no key). P is rounded to P_DTYPE (V's dtype) so
+        the second matmul runs in 16 bit on tensor cores.
+        """
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no visible key so far has m_new = -inf; subtracting 0 instead keeps
+        # exp2 at exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p_lo = to_dtype(p, P_DTYPE, FIX_BF16)
+        if UPCAST_BF16:
+            p_lo = p_lo.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p_lo, v, input_precision=DOT_PRECISION)
+        return m_new, l_i, acc
+
 else:
-    to_dtype = None
+    to_dtype = online_softmax_step = None
 
 
 def available() -> bool:

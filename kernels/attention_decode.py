@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import _triton
-from ._triton import tl, to_dtype, triton
+from ._triton import online_softmax_step, tl, to_dtype, triton
 from .dispatch import use_triton
 
 
@@ -116,20 +116,11 @@ if triton is not None:
                 real = tl.load(key_mask_ptr + b64 * skm_b + offs_kn, mask=key_in, other=0)
                 valid = valid & (real != 0)
             s = tl.where(valid[None, :], s, float("-inf"))
-            # Online softmax across this chunk's blocks (see attention_prefill.py).
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_kn[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                         mask=key_in[:, None] & d_in[None, :], other=0.0)
-            p_lo = to_dtype(p, v_ptr.dtype.element_ty, FIX_BF16)
-            if UPCAST_BF16:
-                p_lo = p_lo.to(tl.float32)
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p_lo, v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            # Online softmax across this chunk's blocks.
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, v_ptr.dtype.element_ty, DOT_PRECISION,
+                                                UPCAST_BF16, FIX_BF16)
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]
         lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton
-from ._triton import tl, to_dtype, triton
+from ._triton import online_softmax_step, tl, to_dtype, triton
 from .dispatch import use_triton
 
 
@@ -249,22 +249,10 @@ if triton is not None:
             if HAS_KPM:
                 real = tl.load(kpm_ptr + b.to(tl.int64) * skpm_b + offs_kn, mask=key_in, other=0)
                 s = tl.where(real[None, :] != 0, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with no visible key so far has m_new = -inf; subtracting 0 instead keeps
-            # exp2 at exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_kn[:, None] * sv_n + offs_d[None, :],
                         mask=key_in[:, None] & d_in[None, :], other=0.0)
-            # P is rounded to V's dtype so the second matmul runs on tensor cores in 16 bit.
-            p_lo = to_dtype(p, v_ptr.dtype.element_ty, FIX_BF16)
-            if UPCAST_BF16:
-                p_lo = p_lo.to(tl.float32)
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p_lo, v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, v_ptr.dtype.element_ty, DOT_PRECISION,
+                                                UPCAST_BF16, FIX_BF16)
         # Rows that saw no key (l = 0) output zeros, like the reference.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
