@@ -57,39 +57,47 @@ class KVCache:
         return min(self.num_tokens, self.capacity)
 
     # ----------------------------------------------------------- one model step
-    def begin_step(self, token_mask: torch.Tensor) -> torch.Tensor:
-        """Announce T new tokens. token_mask [B, T] (1 = real, 0 = left padding).
+    def begin_step(self, num_new: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Announce `num_new` new tokens. token_mask [B, num_new] (1 = real, 0 = left padding);
+        None = all real (every decode step, and prompts without padding).
 
-        Returns their RoPE position ids [B, T] (padding gets 0, as the reference does).
+        Returns their RoPE position ids [B, num_new] (padding gets 0, as the reference does).
         """
-        num_new = token_mask.shape[1]
         if self.num_tokens + num_new > self.max_tokens:
             raise ValueError(
                 f"the KV cache holds at most {self.max_tokens} tokens; {self.num_tokens} are in it and "
                 f"{num_new} more were given"
             )
-        token_mask = token_mask.to(torch.bool)
+        token_mask = None if token_mask is None else token_mask.to(torch.bool)
         self._num_new = num_new
         self._new_real = token_mask
         if num_new == 1:
             # Decode: one slot, updated in place (no slot list, no copy of the realness mask:
             # only chunked prefill reads the pre-step state, through `past`).
             slot = self.num_tokens % self.capacity
-            self.slot_is_real[:, slot] = token_mask[:, 0]
+            self.slot_is_real[:, slot] = True if token_mask is None else token_mask[:, 0]
             self._slot_is_real_after = self.slot_is_real
             self._slots = None
             self._decode_seqlens.fill_(min(self.num_tokens + 1, self.capacity))
+            if token_mask is None:
+                return self.next_position[:, None].clone()
             return self.next_position[:, None] * token_mask  # padding (mask 0) gets position 0
-        positions = self.next_position[:, None] + token_mask.long().cumsum(dim=1) - 1
-        positions = positions.masked_fill(~token_mask, 0)
+        if token_mask is None:
+            offsets = torch.arange(num_new, device=self.next_position.device)
+            positions = self.next_position[:, None] + offsets
+            new_real = torch.ones(1, num_new, dtype=torch.bool, device=self.next_position.device)
+        else:
+            positions = self.next_position[:, None] + token_mask.long().cumsum(dim=1) - 1
+            positions = positions.masked_fill(~token_mask, 0)
+            new_real = token_mask
         # Only the last `capacity` of the new tokens survive in the buffer.
         kept = min(num_new, self.capacity)
         first_kept = self.num_tokens + num_new - kept
-        slots = torch.arange(first_kept, first_kept + kept, device=token_mask.device) % self.capacity
+        slots = torch.arange(first_kept, first_kept + kept, device=self.next_position.device) % self.capacity
         self._slots = slots
         # The realness of every slot once this step is written (decode attends with it).
         self._slot_is_real_after = self.slot_is_real.clone()
-        self._slot_is_real_after[:, slots] = token_mask[:, num_new - kept :]
+        self._slot_is_real_after[:, slots] = new_real[:, num_new - kept :]
         return positions
 
     def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,5 +131,5 @@ class KVCache:
     def end_step(self) -> None:
         """Commit the step: the slots' realness, the clock and each row's next position."""
         self.slot_is_real = self._slot_is_real_after
-        self.next_position += self._new_real.sum(dim=1)
+        self.next_position += self._num_new if self._new_real is None else self._new_real.sum(dim=1)
         self.num_tokens += self._num_new

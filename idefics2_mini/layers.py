@@ -117,9 +117,13 @@ class FusedProjections:
         needs_grad = torch.is_grad_enabled() and weight.requires_grad
         return weight.data_ptr() == self.weight.data_ptr() and not needs_grad
 
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., sum out_i]: the linears' outputs side by side."""
+        return linear(x, self.weight, self.bias)
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one output per linear, [..., out_i] each (views of one result)."""
-        return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return self.output(x).split(self.sizes, dim=-1)
 
 
 FUSE_MODES = ("copy", "empty", "mapped")

@@ -13,7 +13,7 @@ import kernels
 
 from .cache import KVCache
 from .config import TextConfig
-from .layers import FusedProjections, Linear, RMSNorm, SwiGLU, embedding, fuse_linears, project
+from .layers import FusedProjections, Linear, RMSNorm, SwiGLU, embedding, fuse_linears
 
 
 class RotaryEmbedding(nn.Module):
@@ -92,11 +92,15 @@ class TextAttention(nn.Module):
     ) -> torch.Tensor:
         """x [B, T, C]; cos/sin [B, T, 1, D]; token_mask [B, T] bool (None = no padding) -> [B, T, C]."""
         batch, length, _ = x.shape
-        q, k, v = project(self.fused_qkv, [self.q_proj, self.k_proj, self.v_proj], x)
-        # Rotate q and k in one go: [B, T, Hq + Hkv, D].
-        qk = torch.cat([q.view(batch, length, self.num_heads, self.head_dim),
-                        k.view(batch, length, self.num_kv_heads, self.head_dim)], dim=2)
-        qk = apply_rotary(qk, cos, sin)
+        # q and k are rotated together, [B, T, Hq + Hkv, D]: out of the fused matmul they are
+        # already side by side in each row (a view), else they are concatenated.
+        if self.fused_qkv is not None and self.fused_qkv.current():
+            qkv = self.fused_qkv.output(x)
+            qk, v = qkv.split([qkv.shape[-1] - self.v_proj.out_features, self.v_proj.out_features], dim=-1)
+        else:
+            qk = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1)
+            v = self.v_proj(x)
+        qk = apply_rotary(qk.view(batch, length, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q = qk[:, :, : self.num_heads].transpose(1, 2)  # [B, Hq, T, D]
         k = qk[:, :, self.num_heads :].transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -168,8 +172,7 @@ class TextDecoder(nn.Module):
         if token_mask is not None and bool(token_mask.all()):
             token_mask = None  # no padding: attention can skip the key mask
         if cache is not None:
-            step_mask = token_mask if token_mask is not None else inputs_embeds.new_ones(batch, length, dtype=torch.bool)
-            position_ids = cache.begin_step(step_mask)
+            position_ids = cache.begin_step(length, token_mask)
             max_position = cache.num_tokens + length  # positions never exceed the token clock
         else:
             position_ids = position_ids_from_mask(token_mask, batch, length, inputs_embeds.device)
