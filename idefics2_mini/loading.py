@@ -133,11 +133,15 @@ def _tensor_names(file: Path) -> list[str]:
     return list(read_header(file)[0])
 
 
+Headers = dict[Path, tuple[dict[str, dict], int]]  # file -> read_header(file)
+
+
 def _iter_tensors(
-    files: dict[str, Path], wanted: Callable[[str], bool], keep_mapped: bool = False
+    files: dict[str, Path], headers: Headers, keep_mapped: bool = False
 ) -> Iterator[tuple[str, Path, torch.Tensor]]:
-    """Yield (official name, file, tensor) one at a time, file by file; each tensor is a
-    zero-copy view of the file's memory mapping (private: writing to it never touches the file).
+    """Yield (official name, file, tensor) for every tensor of `files`, file by file; each
+    tensor is a zero-copy view of the file's memory mapping (private: writing to it never
+    touches the file).
 
     keep_mapped=False (copy loading): a yielded view is valid only until the next one is asked
     for (the caller copies it into its parameter), and the pages it read are handed back to
@@ -149,11 +153,10 @@ def _iter_tensors(
     """
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
-        if wanted(name):
-            by_file.setdefault(file, []).append(name)
+        by_file.setdefault(file, []).append(name)
     page = mmap.PAGESIZE
     for file, names in by_file.items():
-        header, data_start = read_header(file)
+        header, data_start = headers[file]
         with open(file, "rb") as handle:
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         file_bytes = torch.frombuffer(mapped, dtype=torch.uint8) if keep_mapped else None
@@ -163,10 +166,7 @@ def _iter_tensors(
             entry = header[name]
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             begin, end = (data_start + offset for offset in entry["data_offsets"])
-            if keep_mapped:
-                if begin % dtype.itemsize:
-                    raise CheckpointError(f"{file}: tensor {name} is not aligned to its {dtype} elements; "
-                                          "load it with mmap=False")
+            if keep_mapped:  # _use_mapping checked that every tensor starts on an element boundary
                 yield name, file, file_bytes[begin:end].view(dtype).view(entry["shape"])
                 continue
             view = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
@@ -228,7 +228,8 @@ def load_model(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {shown}")
 
-    mapped = _use_mapping(mmap, files, dtype, device)
+    headers = {file: read_header(file) for file in sorted(set(files.values()))}
+    mapped = _use_mapping(mmap, headers, dtype, device)
     if not mapped:
         _allocate_parameters(model, dtype, device)  # uninitialised; every one is overwritten below
         model.fuse_projections("empty")
@@ -236,7 +237,7 @@ def load_model(
     total_files = len(set(files.values()))
     current_file, files_done = None, 0
     with torch.no_grad():
-        for name, file, tensor in _iter_tensors(files, lambda _: True, keep_mapped=mapped):
+        for name, file, tensor in _iter_tensors(files, headers, keep_mapped=mapped):
             if file != current_file:
                 if current_file is not None and progress is not None:
                     files_done += 1
@@ -270,7 +271,7 @@ def load_model(
     return model
 
 
-def _use_mapping(mmap: bool | None, files: dict[str, Path], dtype: torch.dtype, device: torch.device) -> bool:
+def _use_mapping(mmap: bool | None, headers: Headers, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether parameters can be views of the mapped files: on the CPU, and only when no tensor
     needs converting. mmap=None picks that whenever it can; True insists (or says why not)."""
     if mmap is False:
@@ -279,8 +280,7 @@ def _use_mapping(mmap: bool | None, files: dict[str, Path], dtype: torch.dtype, 
     if device.type != "cpu":
         reason = f"the model goes to {device}, not the CPU"
     else:
-        for file in sorted(set(files.values())):
-            header, data_start = read_header(file)
+        for file, (header, data_start) in headers.items():
             stored = {SAFETENSORS_DTYPES[entry["dtype"]] for entry in header.values()}
             if stored != {dtype}:
                 shown = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored))
