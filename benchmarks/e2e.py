@@ -82,7 +82,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import common  # noqa: E402
 
 RESULT_PREFIX = "E2E-RESULT "  # the child's last stdout line: this prefix + a JSON object
-IMPLS = ("ours", "reference")
+IMPLS = ("ours", "reference", "ours_compiled", "reference_compiled")
+# The compiled variants measure decode only (what compiling changes), each in its own process with
+# an empty Inductor cache, so the compile time they report is what a first run pays:
+#   ours_compiled       `model.compile_decode()` (torch.compile of the decode step; opt-in)
+#   reference_compiled  transformers' own recipe: a static KV cache + `compile_config` in generate
+#                       (it compiles automatically on GPUs; on a CPU `_compile_all_devices` asks it to)
 
 
 # ============================================================================ models and inputs
@@ -251,8 +256,9 @@ def child_main(spec: dict) -> dict:
     path = spec["checkpoint"]
     result: dict = {"rss_start_mib": common.peak_rss_mib()}
 
+    compiled = spec["impl"].endswith("_compiled")
     start = time.perf_counter()
-    if spec["impl"] == "ours":
+    if spec["impl"].startswith("ours"):
         import idefics2_mini as im  # noqa: PLC0415
 
         result["import_s"] = time.perf_counter() - start
@@ -269,6 +275,13 @@ def child_main(spec: dict) -> dict:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         result["import_s"] = time.perf_counter() - start
+        compile_kwargs = {}
+        if compiled:
+            from transformers.generation.configuration_utils import CompileConfig  # noqa: PLC0415
+
+            compile_config = CompileConfig(fullgraph=True)
+            compile_config._compile_all_devices = True  # noqa: SLF001  (its switch for CPUs)
+            compile_kwargs = dict(cache_implementation="static", compile_config=compile_config)
 
         def load():
             kwargs = {"device_map": str(device)} if device.type == "cuda" else {}
@@ -277,7 +290,7 @@ def child_main(spec: dict) -> dict:
         def generate(model, batch, new_tokens):
             with torch.inference_mode():
                 return model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                      do_sample=False, pad_token_id=0)
+                                      do_sample=False, pad_token_id=0, **compile_kwargs)
 
     common.synchronize(device)
     start = time.perf_counter()
@@ -286,6 +299,8 @@ def child_main(spec: dict) -> dict:
     result["load_s"] = time.perf_counter() - start
     result["rss_after_load_mib"] = common.peak_rss_mib()
     _log(spec, f"loaded in {result['load_s']:.2f} s (peak RSS {result['rss_after_load_mib']:.0f} MiB)")
+    if compiled and spec["impl"] == "ours_compiled":
+        model.compile_decode()  # compiles on the first decode step (timed below as "first run")
 
     inputs = torch.load(spec["inputs"])
     for batch in inputs.values():
@@ -313,9 +328,10 @@ def child_main(spec: dict) -> dict:
     def wait_for_quiet() -> None:  # before each group of timed runs; a neighbour may have started meanwhile
         common.wait_for_quiet_machine(spec["max_wait_s"] / 4, log=lambda message: _log(spec, message.strip()))
 
-    prefills = {"image": "prefill_s", "image_split": "prefill_split_s"}
+    prefills = {} if compiled else {"image": "prefill_s", "image_split": "prefill_split_s"}
+    result["raw"] = {}
     wait_for_quiet()
-    for key in spec["prefill_warmup"]:
+    for key in spec["prefill_warmup"] if prefills else ():
         generate(model, inputs[key], 1)
     raw = {key: [] for key in prefills}
     for _ in range(spec["prefill_repeats"]):  # interleaved, so a slow spell of the machine hits both
@@ -325,7 +341,7 @@ def child_main(spec: dict) -> dict:
         batch = inputs[key]
         result[name] = statistics.median(raw[key])
         result[name.replace("_s", "_tokens")] = int(batch["input_ids"].shape[1])
-        result.setdefault("raw", {})[key] = raw[key]
+        result["raw"][key] = raw[key]
         _log(spec, f"prefill {key}: {result[name]:.3f} s ({batch['input_ids'].shape[1]} tokens, "
                    f"{batch['pixel_values'].shape[1]} crop(s)); runs {', '.join(f'{t:.3g}' for t in raw[key])}")
 
@@ -334,6 +350,7 @@ def child_main(spec: dict) -> dict:
         size, prompt_len = batch["input_ids"].shape
         wait_for_quiet()
         generate(model, batch, 1)  # warm-up
+        first_run_s = common.time_once(lambda: generate(model, batch, new_tokens), device)  # compiles, if it will
         out = generate(model, batch, new_tokens)
         short, long = [], []
         for _ in range(repeats):  # interleaved, so a slow spell of the machine hits both
@@ -342,7 +359,7 @@ def child_main(spec: dict) -> dict:
         step_s = (statistics.median(long) - statistics.median(short)) / (new_tokens - 1)
         result[f"decode_{key[-2:]}"] = dict(
             batch=size, prompt_tokens=prompt_len, step_s=step_s, tokens_per_s=size / step_s,
-            t1_s=statistics.median(short), tn_s=statistics.median(long),
+            t1_s=statistics.median(short), tn_s=statistics.median(long), first_run_s=first_run_s,
         )
         result["raw"][f"{key}_t1"], result["raw"][f"{key}_t{new_tokens}"] = short, long
         if key == "text_b1":
@@ -364,11 +381,17 @@ def run_child(spec: dict) -> dict:
     disturbed by a neighbour is visible in the results rather than silently slower."""
     common.wait_for_quiet_machine(spec["max_wait_s"], log=lambda m: print(m, flush=True))
     busy_before, own_before = common.cpu_busy_seconds(), _children_cpu_seconds()
+    # An empty Inductor cache per process: a compiled variant's first run then includes the
+    # whole compile, as on a user's first run, not a previous process's cached kernels.
+    inductor_cache = tempfile.mkdtemp(prefix="e2e-inductor-")
     start = time.perf_counter()
-    process = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
-    )
+    try:
+        process = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+            stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_cache},
+        )
+    finally:
+        shutil.rmtree(inductor_cache, ignore_errors=True)
     wall = time.perf_counter() - start
     lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if process.returncode != 0 or not lines:
@@ -472,6 +495,7 @@ def build_rows(model: BenchModel, config, results: dict[str, dict], read_gbs: fl
         rows.append(Row(model.name, f"decode batch {batch}", "tokens/s", get(ours, f"decode_{size}", "tokens_per_s"),
                         get(ref, f"decode_{size}", "tokens_per_s"), "higher",
                         f"ours/ref >= {decode_target:g}" if applies else "", decode_target if applies else None))
+    rows += compiled_decode_rows(model, results, decode_target)
     element = torch.finfo(getattr(torch, model.dtype)).bits // 8
     for size in ("b1", "b8"):
         if image is None:
@@ -498,6 +522,42 @@ def build_rows(model: BenchModel, config, results: dict[str, dict], read_gbs: fl
     if get(ours, "cuda_peak_mib") or get(ref, "cuda_peak_mib"):
         rows.append(Row(model.name, "peak CUDA memory allocated", "MiB", get(ours, "cuda_peak_mib"),
                         get(ref, "cuda_peak_mib"), "lower"))
+    return rows
+
+
+def compiled_decode_rows(model: BenchModel, results: dict[str, dict], decode_target: float | None) -> list[Row]:
+    """Rows for the compiled variants: both compiled side by side, each implementation at its best
+    (eager or compiled, whichever decodes faster here; the issue's target applies to it too, as
+    what a user of each can get), and the first run's time, which pays the compile."""
+    ours_c, ref_c = results.get("ours_compiled"), results.get("reference_compiled")
+    if ours_c is None and ref_c is None:
+        return []
+
+    def tokens_per_s(result, size):
+        return None if result is None or f"decode_{size}" not in result else result[f"decode_{size}"]["tokens_per_s"]
+
+    def best(pairs):
+        measured = [(value, label) for value, label in pairs if value is not None]
+        return max(measured) if measured else (None, "-")
+
+    rows = []
+    for size in ("b1", "b8"):
+        any_result = ours_c or ref_c
+        batch = any_result[f"decode_{size}"]["batch"]
+        applies = decode_target is not None and (size == "b1" or model.name != "full")
+        rows.append(Row(model.name, f"decode batch {batch}, compiled decode (both)", "tokens/s",
+                        tokens_per_s(ours_c, size), tokens_per_s(ref_c, size), "higher"))
+        ours_best, ours_how = best([(tokens_per_s(results.get("ours"), size), "eager"),
+                                    (tokens_per_s(ours_c, size), "compiled")])
+        ref_best, ref_how = best([(tokens_per_s(results.get("reference"), size), "eager"),
+                                  (tokens_per_s(ref_c, size), "compiled")])
+        rows.append(Row(model.name, f"decode batch {batch}, each at its best (ours {ours_how}, reference {ref_how})",
+                        "tokens/s", ours_best, ref_best, "higher",
+                        f"ours/ref >= {decode_target:g}" if applies else "", decode_target if applies else None))
+        first = lambda result: None if result is None else result[f"decode_{size}"]["first_run_s"]  # noqa: E731
+        rows.append(Row(model.name, f"first decode run, batch {batch}, compiling included "
+                                    f"({decode_target_steps(any_result)} tokens)", "s", first(ours_c), first(ref_c),
+                        "lower"))
     return rows
 
 
@@ -637,7 +697,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=None,
                         help="comma-separated subset of tiny,wide,full (default: tiny,wide, plus full on CUDA)")
-    parser.add_argument("--impls", default="ours,reference", help="comma-separated subset of ours,reference")
+    parser.add_argument("--impls", default=None,
+                        help=f"comma-separated subset of {','.join(IMPLS)} (default: all; ours,reference with --quick)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per measurement after a warm-up, and load processes "
                              "(default per model: tiny 5, wide 3)")
@@ -671,6 +732,7 @@ def main(argv: list[str] | None = None) -> None:
         args.repeats = 1
         args.max_wait = 0
         args.new_tokens = args.new_tokens or 9
+        args.impls = args.impls or "ours,reference"
     args.new_tokens = args.new_tokens or 33
     args.prefill_repeats = args.prefill_repeats or args.repeats
     if args.repeats is not None and args.repeats < 1 or args.prefill_repeats is not None and args.prefill_repeats < 1:
@@ -679,7 +741,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--new-tokens must be >= 2 (decode is the difference of a long and a 1-token run)")
     names = args.models.split(",") if args.models else [n for n, m in MODELS.items()
                                                         if not m.needs_cuda or device.type == "cuda"]
-    impls = args.impls.split(",")
+    impls = args.impls.split(",") if args.impls else list(IMPLS)
     for name in names:
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
@@ -745,7 +807,7 @@ def main(argv: list[str] | None = None) -> None:
                 results[impl]["first_token_runs_s"] = [results[impl]["first_token_s"]]
                 results[impl]["new_tokens"] = args.new_tokens
             for _ in range(repeats - 1):  # more load timings, each in a fresh process, alternating
-                for impl in impls:
+                for impl in (impl for impl in impls if not impl.endswith("_compiled")):
                     extra = run_child({**spec, "impl": impl, "load_only": True})
                     results[impl]["load_runs_s"].append(extra["load_s"])
                     results[impl]["first_token_runs_s"].append(extra["first_token_s"])
@@ -763,12 +825,14 @@ def main(argv: list[str] | None = None) -> None:
                 "other processes' CPU use during the measuring processes (noise; 0% = quiet machine): "
                 + ", ".join(f"{impl} {100 * results[impl].get('others_cpu', float('nan')):.0f}%" for impl in results),
             ]
-            if len(results) == 2:
-                mine, theirs = results["ours"]["tokens_b1"], results["reference"]["tokens_b1"]
-                same = sum(a == b for a, b in zip(mine, theirs))
-                first_diff = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
-                notes[name].append(f"greedy batch-1 outputs agree on {same}/{len(mine)} tokens"
-                                   + ("" if first_diff is None else f" (first difference at token {first_diff})"))
+            if "reference" in results:
+                theirs = results["reference"]["tokens_b1"]
+                for impl in (impl for impl in results if impl != "reference"):
+                    mine = results[impl]["tokens_b1"]
+                    same = sum(a == b for a, b in zip(mine, theirs))
+                    first_diff = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+                    notes[name].append(f"greedy batch-1 outputs of {impl} and reference agree on {same}/{len(mine)} "
+                                       "tokens" + ("" if first_diff is None else f" (first difference at token {first_diff})"))
             print_rows(build_rows(model, config, results, statistics.median(bandwidths)))
             print(f"  ({time.perf_counter() - started:.0f} s so far)", flush=True)
     finally:

@@ -45,6 +45,11 @@ class KVCache:
         # RoPE position of the next token of each row (= real tokens seen so far).
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.num_tokens = 0  # tokens written so far (the shared clock); a host int: no device sync
+        # A decode step's state lives in tensors updated in place, never in Python ints that the
+        # layers read: a compiled decode step (`Idefics2.compile_decode`) then sees the same
+        # graph every step instead of specialising on the slot number and recompiling.
+        self.decoding = False  # this step is one token after earlier ones (decode attention)
+        self._decode_slot = torch.zeros(1, dtype=torch.long, device=device)  # where its K/V go
         self._decode_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
 
     @property
@@ -71,13 +76,15 @@ class KVCache:
         token_mask = None if token_mask is None else token_mask.to(torch.bool)
         self._num_new = num_new
         self._new_real = token_mask
+        self.decoding = num_new == 1 and self.num_tokens > 0
         if num_new == 1:
-            # Decode: one slot, updated in place (no slot list, no copy of the realness mask:
-            # only chunked prefill reads the pre-step state, through `past`).
+            # One token: one slot, updated in place (no new slot list, no copy of the realness
+            # mask: only chunked prefill reads the pre-step state, through `past`).
             slot = self.num_tokens % self.capacity
             self.slot_is_real[:, slot] = True if token_mask is None else token_mask[:, 0]
             self._slot_is_real_after = self.slot_is_real
-            self._slots = None
+            self._decode_slot.fill_(slot)
+            self._slots = self._decode_slot
             self._decode_seqlens.fill_(min(self.num_tokens + 1, self.capacity))
             if token_mask is None:
                 return self.next_position[:, None].clone()
@@ -113,12 +120,6 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store this step's k, v [B, Hkv, T, D] (after RoPE) into their slots."""
-        if self._num_new == 1:
-            # Decode: a plain slice copy (cheaper than index_copy for one slot).
-            slot = self.num_tokens % self.capacity
-            self.keys[layer][:, :, slot : slot + 1].copy_(k)
-            self.values[layer][:, :, slot : slot + 1].copy_(v)
-            return
         kept = self._slots.shape[0]
         self.keys[layer].index_copy_(2, self._slots, k[:, :, self._num_new - kept :])
         self.values[layer].index_copy_(2, self._slots, v[:, :, self._num_new - kept :])

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling (turns sampling on)")
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (turns sampling on)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible answers)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with torch.compile: faster tokens after a one-time "
+                        "compile of ~10-30 s (on a CPU it needs a C++ compiler)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no timings")
     return parser
 
@@ -308,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = _load(weights, dtype, device, quiet=args.quiet)
     load_seconds = time.perf_counter() - start
+    if args.compile:
+        model.compile_decode()  # compiles on the first decode step
     if is_demo:
         print(_demo_notice(weights), file=err)
 

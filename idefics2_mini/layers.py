@@ -67,22 +67,43 @@ ONEDNN_LINEAR = _onednn_linear_available()  # set False to run every linear thro
 _onednn_linear_op = torch.ops.mkldnn._linear_pointwise if ONEDNN_LINEAR else None
 
 
+@torch.library.custom_op("idefics2_mini::onednn_linear", mutates_args=())
+def _onednn_linear_opaque(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The oneDNN call as an op torch.compile keeps whole: Inductor lowers
+    `mkldnn._linear_pointwise` only for weights it prepacked itself (a second copy of every
+    weight), not for the plain [out, in] weight used here."""
+    return _onednn_linear_op(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear_opaque.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in].T + bias [out] -> [..., out]: F.linear's contract, run by
     oneDNN for big fp32 weights at inference on the CPU (see ONEDNN_MIN_WEIGHT_ELEMENTS)."""
-    if (
-        ONEDNN_LINEAR
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and weight.dim() == 2
-        and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
-        and weight.stride(1) == 1
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad)))
-    ):
-        return _onednn_linear_op(x, weight, bias, "none", [], "")
+    if x.device.type == "cpu" and weight.dim() == 2 and not _needs_grad(x, weight, bias):
+        if weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS:
+            if (ONEDNN_LINEAR and x.dtype == torch.float32 and weight.dtype == torch.float32
+                    and weight.stride(1) == 1):
+                if torch.compiler.is_compiling():
+                    return _onednn_linear_opaque(x, weight, bias)
+                return _onednn_linear_op(x, weight, bias, "none", [], "")
+        elif torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+            # One row through a small weight (a batch-1 decode step, compiled): written as a
+            # multiply-and-sum, Inductor makes it one loop fused with its neighbours, where an
+            # extern BLAS call costs ~20 us for ~1 us of work (Inductor's own CPU rule for
+            # memory-bound matmuls, `decompose_mem_bound_mm`, applied here without a global flag).
+            out = (x.unsqueeze(-2) * weight).sum(-1)
+            return out if bias is None else out + bias
     return F.linear(x, weight, bias)
+
+
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
 
 
 class Linear(nn.Linear):
@@ -113,9 +134,14 @@ class FusedProjections:
     def current(self) -> bool:
         """True while the linears' parameters are still views of the fused matrix. Fusion is
         for inference: when autograd wants their gradients, the separate linears run."""
-        weight = self.linears[0].weight
-        needs_grad = torch.is_grad_enabled() and weight.requires_grad
-        return weight.data_ptr() == self.weight.data_ptr() and not needs_grad
+        needs_grad = torch.is_grad_enabled() and self.linears[0].weight.requires_grad
+        return self._still_views() and not needs_grad
+
+    # torch.compile cannot trace data_ptr(): a compiled graph takes the answer at trace time
+    # (the model drops its compiled decode step when its parameters move; see compile_decode).
+    @torch.compiler.assume_constant_result
+    def _still_views(self) -> bool:
+        return self.linears[0].weight.data_ptr() == self.weight.data_ptr()
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., sum out_i]: the linears' outputs side by side."""

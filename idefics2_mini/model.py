@@ -54,6 +54,8 @@ class Idefics2(nn.Module):
         self.image_layout = "auto"
         # Stop tokens and banned tokens for generate (replaced by generation_config.json on load).
         self.generation_defaults = GenerationDefaults.for_config(config)
+        # The decode step's tensor work compiled by `compile_decode` (None: eager).
+        self._compiled_decode_logits = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -197,9 +199,41 @@ class Idefics2(nn.Module):
 
         The hot loop of generation, so it skips `forward`'s input checks (their min/max would
         be a device sync per token) and image splicing (a generated <image> is just a token)."""
-        embeddings = self.text.embed_tokens(token_ids)
-        hidden = self.text(embeddings, None, cache)
+        positions = cache.begin_step(1)
+        cos, sin = self.text.rotary(positions, cache.num_tokens + 1, self.dtype)
+        logits = (self._compiled_decode_logits or self._decode_logits)(token_ids, cos, sin, cache)
+        cache.end_step()
+        return logits
+
+    def _decode_logits(self, token_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache):
+        """The tensor work of a decode step, between the cache's begin_step and end_step:
+        token_ids [B, 1], cos/sin [B, 1, 1, D] -> logits [B, vocab]. It reads no host-side
+        counters (the cache keeps the step's slot in tensors), so it compiles to one graph."""
+        hidden = self.text.run_layers(self.text.embed_tokens(token_ids), cos, sin, None, cache)
         return self.lm_head(hidden[:, -1])
+
+    def compile_decode(self, **compile_options) -> Idefics2:
+        """Run the decode step's tensor work through `torch.compile` (Inductor), as gpt-fast's
+        `--compile` does: per token, one compiled graph instead of ~30 eager ops per layer, which
+        is what decode costs when the model is small. Opt-in, because the first step of each
+        new (batch size, cache length, dtype, device) compiles, ~10-30 s on a CPU (a C++
+        compiler is needed there); results equal eager decode's up to float rounding order.
+
+        `compile_options` go to torch.compile (e.g. mode="max-autotune-no-cudagraphs").
+        Moving or converting the model (`.to()`) or re-fusing drops the compiled step; call this
+        again afterwards. `compile_decode(enable=False)` goes back to eager."""
+        if compile_options.pop("enable", True):
+            compile_options.setdefault("fullgraph", True)
+            self._compiled_decode_logits = torch.compile(self._decode_logits, **compile_options)
+        else:
+            self._compiled_decode_logits = None
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # A compiled decode step was traced against the parameters as they were (their fusion
+        # included): moving or converting them makes it stale.
+        self._compiled_decode_logits = None
+        return super()._apply(fn, *args, **kwargs)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, **options):
         """-> LongTensor [B, T + new]; see `idefics2_mini.generation.generate` for the options."""
@@ -211,6 +245,7 @@ class Idefics2(nn.Module):
         `layers.fuse_linears`'s: "copy" (default) fuses the current values; `from_pretrained`
         uses "empty" before copying the checkpoint in, or "mapped" when the parameters are
         views of the memory-mapped checkpoint. Redo it after moving or converting the model."""
+        self._compiled_decode_logits = None  # traced against the old fusion
         for module in self.modules():
             if hasattr(module, "fuse") and module is not self:
                 module.fuse(mode)

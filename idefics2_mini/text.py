@@ -106,7 +106,7 @@ class TextAttention(nn.Module):
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         scale = self.head_dim**-0.5
 
-        if cache is not None and length == 1 and cache.num_tokens > 0:
+        if cache is not None and cache.decoding:
             # Decode: one query against the cache (its own key written first).
             cache.write(self.layer_index, k, v)
             cache_seqlens, key_mask = cache.decode_visible()
@@ -178,13 +178,26 @@ class TextDecoder(nn.Module):
             position_ids = position_ids_from_mask(token_mask, batch, length, inputs_embeds.device)
             max_position = length
         cos, sin = self.rotary(position_ids, max_position, inputs_embeds.dtype)
-        x = inputs_embeds
+        hidden = self.run_layers(inputs_embeds, cos, sin, token_mask, cache, hidden_states_out)
+        if cache is not None:
+            cache.end_step()
+        return hidden
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        hidden_states_out: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, C] through every layer and the final norm -> [B, T, C]; cos/sin [B, T, 1, D]
+        from `rotary`; with a cache, between its `begin_step` and `end_step`."""
         for layer in self.layers:
             if hidden_states_out is not None:
                 hidden_states_out.append(x)
             x = layer(x, cos, sin, token_mask, cache)
-        if cache is not None:
-            cache.end_step()
         if hidden_states_out is not None:
             hidden_states_out.append(x)
         return self.norm(x)

@@ -13,12 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_e2e_benchmark_quick_run(tmp_path):
-    impls = "ours,reference" if importlib.util.find_spec("transformers") else "ours"
+    # With the compiled variants (their first decode compiles: ~15 s each on 2 cores).
+    impls = ("ours,reference,ours_compiled,reference_compiled" if importlib.util.find_spec("transformers")
+             else "ours,ours_compiled")
     out, weights = tmp_path / "results", tmp_path / "weights"
     process = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--quick", "--impls", impls,
          "--out", str(out), "--weights", str(weights)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
 
@@ -33,8 +35,12 @@ def test_e2e_benchmark_quick_run(tmp_path):
             assert float(rows[metric]["ratio_ours_over_reference"]) > 0, metric
     prefill = [name for name in rows if name.startswith("prefill")]
     assert len(prefill) == 2 and all(float(rows[name]["ours"]) > 0 for name in prefill)
+    compiled = [name for name in rows if "compiled decode (both)" in name]
+    assert len(compiled) == 2 and all(float(rows[name]["ours"]) > 0 for name in compiled)
     if "reference" in impls:
-        assert "greedy batch-1 outputs agree on" in markdown
+        assert all(float(rows[name]["reference"]) > 0 for name in compiled)
+        assert "greedy batch-1 outputs of ours and reference agree on" in markdown
+        assert "greedy batch-1 outputs of ours_compiled and reference agree on" in markdown
 
 
 def test_linear_backends_benchmark_quick_run(tmp_path):

@@ -117,6 +117,22 @@ def test_sampling_is_reproducible(demo_dir, capsys):
     assert first[0] == 0 and first[1] == second[1]
 
 
+def test_compile_flag_compiles_the_decode_step_and_answers_the_same(demo_dir, monkeypatch, capsys):
+    from torch._dynamo.testing import CompileCounter  # noqa: PLC0415
+
+    counter = CompileCounter()  # stands in for Inductor (seconds of C++ compiling; tested elsewhere)
+    compile_decode = im.Idefics2.compile_decode
+    monkeypatch.setattr(im.Idefics2, "compile_decode", lambda model: compile_decode(model, backend=counter))
+    args = ["--weights", str(demo_dir), "--max-new-tokens", "6", "--quiet", "Hi"]
+    torch._dynamo.reset()
+    try:
+        compiled = main(capsys, *args, "--compile")
+    finally:
+        torch._dynamo.reset()
+    assert compiled == main(capsys, *args)
+    assert compiled[0] == 0 and counter.frame_count == 1
+
+
 def test_chat_keeps_the_cache_between_turns(demo_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("/image nope.png\nAnd now?\n/quit\nnever read\n"))
     status, out, err = main(capsys, "--weights", str(demo_dir), "--chat", "--max-new-tokens", "4",

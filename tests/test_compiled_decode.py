@@ -1,0 +1,89 @@
+"""`Idefics2.compile_decode`: the decode step as one torch.compile graph that is traced once
+(no recompiling per token: the cache keeps the step's slot in tensors) and generates what the
+eager step generates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference_models import make_reference_checkpoint
+from test_generation import image_batch
+from torch._dynamo.testing import CompileCounter
+
+import idefics2_mini as im
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tmp_path_factory):
+    """Window 3, so 30 new tokens wrap the rolling cache many times; peaked logits (no near-ties)."""
+    path = tmp_path_factory.mktemp("compiled")
+    make_reference_checkpoint(path, seed=3, scale=3.0, sliding_window=3)
+    return im.Idefics2.from_pretrained(path)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # compiled graphs are cached per code object, across tests
+    yield
+    torch._dynamo.reset()
+
+
+def step_logits(model, batch, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decode through `decode_step`: -> (tokens [B, new], logits [B, new, vocab])."""
+    prompt_len = batch["input_ids"].shape[1]
+    cache = model.new_cache(batch["input_ids"].shape[0], prompt_len + new_tokens)
+    with torch.no_grad():
+        logits = model(**batch, cache=cache, last_token_only=True)[:, -1]
+        tokens, all_logits = [], []
+        for _ in range(new_tokens):
+            all_logits.append(logits)
+            tokens.append(logits.argmax(-1))
+            logits = model.decode_step(tokens[-1][:, None], cache)
+    return torch.stack(tokens, 1), torch.stack(all_logits, 1)
+
+
+def test_decode_step_is_traced_once_and_equals_eager(peaked_model):
+    """A counting backend (runs the captured graph as it is): one whole graph for every step
+    of a generation, including steps after the rolling cache wraps and left-padded rows."""
+    batch = image_batch()
+    eager = peaked_model.generate(**batch, max_new_tokens=30, eos_token_id=[])
+    counter = CompileCounter()
+    peaked_model.compile_decode(backend=counter)
+    try:
+        compiled = peaked_model.generate(**batch, max_new_tokens=30, eos_token_id=[])
+        assert counter.frame_count == 1  # fullgraph: one graph, never retraced step to step
+        assert torch.equal(compiled, eager)
+        # Other prompt lengths: the rolling cache is the window long whatever the prompt, so the
+        # same graph serves them (the step's position lives in tensors, not in the graph).
+        for extra in (2, 5):
+            words = torch.arange(100, 100 + extra).expand(2, extra)
+            longer = dict(batch, input_ids=torch.cat([batch["input_ids"], words], 1),
+                          attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(words)], 1))
+            peaked_model.generate(**longer, max_new_tokens=8, eos_token_id=[])
+        assert counter.frame_count == 1
+    finally:
+        peaked_model.compile_decode(enable=False)
+
+
+def test_inductor_decode_matches_eager(peaked_model):
+    """The real compiler (Inductor, C++ on the CPU): per-step logits equal eager's up to float
+    rounding order, so greedy tokens are the same."""
+    batch = image_batch()
+    eager_tokens, eager_logits = step_logits(peaked_model, batch, 12)
+    peaked_model.compile_decode()
+    try:
+        tokens, logits = step_logits(peaked_model, batch, 12)
+    finally:
+        peaked_model.compile_decode(enable=False)
+    assert torch.equal(tokens, eager_tokens)
+    assert (logits - eager_logits).abs().max() <= 1e-4
+
+
+def test_moving_the_model_drops_the_compiled_step(peaked_model):
+    peaked_model.compile_decode(backend=CompileCounter())
+    assert peaked_model._compiled_decode_logits is not None
+    peaked_model.to(torch.float32)  # any .to() may replace the parameters the graph was traced with
+    assert peaked_model._compiled_decode_logits is None
+    peaked_model.compile_decode(backend=CompileCounter())
+    peaked_model.fuse_projections()
+    assert peaked_model._compiled_decode_logits is None
