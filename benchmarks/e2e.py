@@ -1,6 +1,6 @@
 """End-to-end benchmark: this project against the reference (transformers), side by side.
 
-    python benchmarks/e2e.py                      # tiny + wide (+ the full 8B on CUDA); ~10 min on 2 CPU cores
+    python benchmarks/e2e.py                      # tiny + wide (+ the full 8B on CUDA); ~25 min on 2 CPU cores
     python benchmarks/e2e.py --tag fused-qkv      # also keep this run as e2e-fused-qkv.{md,csv,png}
     python benchmarks/e2e.py --models wide --impls ours     # a subset (ratios need both impls)
     python benchmarks/e2e.py --quick              # smoke run: tiny only, 1 repeat (used by the tests)
@@ -23,7 +23,11 @@ What it does
      - 8 text-only prompts of different lengths (batch 1 uses the first one).
 3. Runs every (model, implementation) in its own fresh Python process with the same
    torch.set_num_threads, after reading the checkpoint files once so the page cache is warm for
-   both. Each process measures:
+   both; `--rounds` (default 2) such processes per implementation, round-robin, so that a slow
+   spell of a shared machine hits every implementation, and each figure is the median over the
+   rounds. The implementations: ours and the reference as they run by default (eager), and each
+   with its decode compiled (decode only): ours with `model.compile_decode()`, the reference
+   with its own recipe, a static cache + `compile_config` in generate. Each process measures:
      load     wall seconds of `from_pretrained` (fp32 on CPU); the median over `--repeats` fresh
               processes (the first is the measuring process, the others only load). Both
               implementations map the safetensors files and defer the reads to first use (ours:
@@ -34,7 +38,8 @@ What it does
               given the processed tensors: vision tower + connector + decoder prefill + lm_head);
      decode   tokens/s at batch 1 and 8 on the text prompts: (t(33 new tokens) - t(1 new token))
               / 32 steps, from the medians of t(33) and t(1); greedy, stopping disabled so every
-              run makes exactly the requested tokens;
+              run makes exactly the requested tokens; also the time of the first such run, which
+              for the compiled variants includes compiling (an empty Inductor cache per process);
      memory   peak resident set size (ru_maxrss) of the process, after loading and at the end;
               on CUDA also torch.cuda.max_memory_allocated.
    Every timed call runs once untimed first (warm-up); timings are medians of `--repeats` runs.
@@ -371,6 +376,35 @@ def child_main(spec: dict) -> dict:
     if device.type == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One result per implementation from its measuring processes (rounds): every timing is the
+    median over the processes' own medians, every process's runs are kept in "raw" (and its
+    load time in "load_runs_s"), memory is the highest peak, noise the highest share."""
+    merged = dict(rounds[0])
+    median = lambda key, sub=None: statistics.median(  # noqa: E731
+        r[key] if sub is None else r[key][sub] for r in rounds)
+    for key in ("import_s", "prefill_s", "prefill_split_s"):
+        if key in merged:
+            merged[key] = median(key)
+    for key in ("decode_b1", "decode_b8"):
+        if key in merged:
+            decode = dict(merged[key], **{sub: median(key, sub) for sub in ("step_s", "t1_s", "tn_s", "first_run_s")})
+            decode["tokens_per_s"] = decode["batch"] / decode["step_s"]
+            decode["rounds_tokens_per_s"] = [r[key]["tokens_per_s"] for r in rounds]
+            merged[key] = decode
+    for key in ("rss_after_load_mib", "peak_rss_mib", "cuda_peak_mib", "others_cpu"):
+        if key in merged:
+            merged[key] = max(r[key] for r in rounds)
+    merged["load_runs_s"] = [r["load_s"] for r in rounds]
+    merged["first_token_runs_s"] = [r["first_token_s"] for r in rounds]
+    merged["raw"] = {}
+    for index, r in enumerate(rounds):
+        suffix = "" if len(rounds) == 1 else f" (round {index + 1})"
+        merged["raw"].update({f"{key}{suffix}": values for key, values in r.get("raw", {}).items()})
+    merged["rounds"] = len(rounds)
+    return merged
 
 
 def run_child(spec: dict) -> dict:
@@ -715,6 +749,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-wait", type=float, default=300,
                         help="before each measuring process, wait up to this many seconds for other processes to "
                              "leave the CPU idle (shared machines); 0 = never wait")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="measuring processes per (model, implementation), run round-robin; every figure is "
+                             "the median over the rounds (default 2; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny only, 1 repeat, no waiting")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -733,7 +770,11 @@ def main(argv: list[str] | None = None) -> None:
         args.max_wait = 0
         args.new_tokens = args.new_tokens or 9
         args.impls = args.impls or "ours,reference"
+        args.rounds = args.rounds or 1
     args.new_tokens = args.new_tokens or 33
+    args.rounds = args.rounds or 2
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     args.prefill_repeats = args.prefill_repeats or args.repeats
     if args.repeats is not None and args.repeats < 1 or args.prefill_repeats is not None and args.prefill_repeats < 1:
         parser.error("--repeats and --prefill-repeats must be >= 1")
@@ -799,14 +840,16 @@ def main(argv: list[str] | None = None) -> None:
                         repeats=repeats, prefill_repeats=args.prefill_repeats or model.prefill_repeats,
                         prefill_warmup=[] if args.quick else list(model.prefill_warmup), new_tokens=args.new_tokens,
                         inputs=str(inputs_file), load_only=False, max_wait_s=args.max_wait)
-            results = {}
+            rounds: dict[str, list[dict]] = {impl: [] for impl in impls}
+            for round_index in range(args.rounds):  # round-robin: a slow spell of the machine hits every impl
+                for impl in impls:
+                    print(f"  {impl}: measuring in a fresh process (round {round_index + 1}/{args.rounds}) ...",
+                          flush=True)
+                    rounds[impl].append(run_child({**spec, "impl": impl}))
+            results = {impl: merge_rounds(measured) for impl, measured in rounds.items()}
             for impl in impls:
-                print(f"  {impl}: measuring in a fresh process ...", flush=True)
-                results[impl] = run_child({**spec, "impl": impl})
-                results[impl]["load_runs_s"] = [results[impl]["load_s"]]
-                results[impl]["first_token_runs_s"] = [results[impl]["first_token_s"]]
                 results[impl]["new_tokens"] = args.new_tokens
-            for _ in range(repeats - 1):  # more load timings, each in a fresh process, alternating
+            for _ in range(repeats - args.rounds):  # more load timings, each in a fresh process, alternating
                 for impl in (impl for impl in impls if not impl.endswith("_compiled")):
                     extra = run_child({**spec, "impl": impl, "load_only": True})
                     results[impl]["load_runs_s"].append(extra["load_s"])
@@ -820,8 +863,14 @@ def main(argv: list[str] | None = None) -> None:
             shown_path = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
             notes[name] = [
                 f"{model.description}; {model.dtype}; checkpoint {checkpoint_bytes(path) / 2**30:.2f} GiB (`{shown_path}`)",
-                f"medians of {spec['repeats']} timed runs for decode, {spec['prefill_repeats']} for prefill "
-                f"(prefill warm-up: {', '.join(spec['prefill_warmup']) or 'none'}), {spec['repeats']} fresh processes for load",
+                f"{args.rounds} measuring process(es) per implementation, run round-robin; each figure is the median "
+                f"over them of each process's median of {spec['repeats']} timed runs for decode, "
+                f"{spec['prefill_repeats']} for prefill (prefill warm-up: {', '.join(spec['prefill_warmup']) or 'none'}); "
+                f"{max(spec['repeats'], args.rounds)} fresh processes for load (compiled variants: {args.rounds})",
+                "decode tokens/s of each round (batch 1 | batch 8): " + "; ".join(
+                    f"{impl} " + " | ".join(", ".join(fmt(v, "tokens/s") for v in results[impl][f"decode_{size}"]
+                                                       ["rounds_tokens_per_s"]) for size in ("b1", "b8"))
+                    for impl in results),
                 "other processes' CPU use during the measuring processes (noise; 0% = quiet machine): "
                 + ", ".join(f"{impl} {100 * results[impl].get('others_cpu', float('nan')):.0f}%" for impl in results),
             ]

@@ -11,6 +11,7 @@ from test_generation import image_batch
 from torch._dynamo.testing import CompileCounter
 
 import idefics2_mini as im
+import kernels
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +88,20 @@ def test_moving_the_model_drops_the_compiled_step(peaked_model):
     peaked_model.compile_decode(backend=CompileCounter())
     peaked_model.fuse_projections()
     assert peaked_model._compiled_decode_logits is None
+
+
+def test_traces_through_the_triton_kernels(peaked_model, monkeypatch):
+    """The GPU path: with the Triton kernels forced (run by the interpreter on this CPU), the
+    compiled step still is one graph, the kernels inside it as custom ops, and generates what
+    the eager Triton path does."""
+    monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
+    batch = image_batch()
+    eager = peaked_model.generate(**batch, max_new_tokens=5, eos_token_id=[])
+    counter = CompileCounter()
+    peaked_model.compile_decode(backend=counter)
+    try:
+        compiled = peaked_model.generate(**batch, max_new_tokens=5, eos_token_id=[])
+    finally:
+        peaked_model.compile_decode(enable=False)
+    assert counter.frame_count == 1
+    assert torch.equal(compiled, eager)
