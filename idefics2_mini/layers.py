@@ -135,13 +135,7 @@ class FusedProjections:
         """True while the linears' parameters are still views of the fused matrix. Fusion is
         for inference: when autograd wants their gradients, the separate linears run."""
         needs_grad = torch.is_grad_enabled() and self.linears[0].weight.requires_grad
-        return self._still_views() and not needs_grad
-
-    # torch.compile cannot trace data_ptr(): a compiled graph takes the answer at trace time
-    # (the model drops its compiled decode step when its parameters move; see compile_decode).
-    @torch.compiler.assume_constant_result
-    def _still_views(self) -> bool:
-        return self.linears[0].weight.data_ptr() == self.weight.data_ptr()
+        return _still_views(self) and not needs_grad
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., sum out_i]: the linears' outputs side by side."""
@@ -150,6 +144,19 @@ class FusedProjections:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one output per linear, [..., out_i] each (views of one result)."""
         return self.output(x).split(self.sizes, dim=-1)
+
+
+def _still_views(fused: FusedProjections) -> bool:
+    return fused.linears[0].weight.data_ptr() == fused.weight.data_ptr()
+
+
+def prepare_for_compile() -> None:
+    """Called before torch.compile traces the model (Idefics2.compile_decode): Dynamo cannot
+    trace data_ptr(), so the fusion check is marked to be taken at trace time as a constant (the
+    model drops its compiled step when the parameters move). Done here, not at import, because
+    marking imports torch._dynamo: a second of import time nobody else should pay."""
+    global _still_views  # noqa: PLW0603
+    _still_views = torch.compiler.assume_constant_result(_still_views)
 
 
 FUSE_MODES = ("copy", "empty", "mapped")

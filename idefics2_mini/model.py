@@ -20,7 +20,7 @@ from .cache import KVCache
 from .config import Idefics2Config
 from .connector import Connector
 from .generation import GenerationDefaults, generate
-from .layers import Linear
+from .layers import Linear, prepare_for_compile
 from .packing import PackedImages, pack_images, pack_padded
 from .text import TextDecoder
 from .vision import VisionTransformer, patch_mask_from_pixel_mask
@@ -223,6 +223,7 @@ class Idefics2(nn.Module):
         Moving or converting the model (`.to()`) or re-fusing drops the compiled step; call this
         again afterwards. `compile_decode(enable=False)` goes back to eager."""
         if compile_options.pop("enable", True):
+            prepare_for_compile()
             compile_options.setdefault("fullgraph", True)
             self._compiled_decode_logits = torch.compile(self._decode_logits, **compile_options)
         else:

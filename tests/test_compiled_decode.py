@@ -4,6 +4,9 @@ eager step generates."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from reference_models import make_reference_checkpoint
@@ -105,3 +108,10 @@ def test_traces_through_the_triton_kernels(peaked_model, monkeypatch):
         peaked_model.compile_decode(enable=False)
     assert counter.frame_count == 1
     assert torch.equal(compiled, eager)
+
+
+def test_importing_the_package_does_not_import_the_compiler():
+    """torch._dynamo costs ~1 s to import; only compile_decode should pay it."""
+    code = "import sys, idefics2_mini; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
