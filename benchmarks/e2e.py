@@ -849,7 +849,9 @@ def main(argv: list[str] | None = None) -> None:
             results = {impl: merge_rounds(measured) for impl, measured in rounds.items()}
             for impl in impls:
                 results[impl]["new_tokens"] = args.new_tokens
-            for _ in range(repeats - args.rounds):  # more load timings, each in a fresh process, alternating
+            # More load timings, each in a fresh process, alternating; at least one, which also times
+            # ours copying (mmap=False) without inflating a measuring process's peak memory.
+            for _ in range(max(repeats - args.rounds, 1)):
                 for impl in (impl for impl in impls if not impl.endswith("_compiled")):
                     extra = run_child({**spec, "impl": impl, "load_only": True})
                     results[impl]["load_runs_s"].append(extra["load_s"])
@@ -866,7 +868,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{args.rounds} measuring process(es) per implementation, run round-robin; each figure is the median "
                 f"over them of each process's median of {spec['repeats']} timed runs for decode, "
                 f"{spec['prefill_repeats']} for prefill (prefill warm-up: {', '.join(spec['prefill_warmup']) or 'none'}); "
-                f"{max(spec['repeats'], args.rounds)} fresh processes for load (compiled variants: {args.rounds})",
+                f"{args.rounds + max(repeats - args.rounds, 1)} fresh processes for load (compiled variants: "
+                f"{args.rounds})",
                 "decode tokens/s of each round (batch 1 | batch 8): " + "; ".join(
                     f"{impl} " + " | ".join(", ".join(fmt(v, "tokens/s") for v in results[impl][f"decode_{size}"]
                                                        ["rounds_tokens_per_s"]) for size in ("b1", "b8"))

@@ -46,15 +46,20 @@ def step_logits(model, batch, new_tokens: int) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(tokens, 1), torch.stack(all_logits, 1)
 
 
+def generate_eager_then_counted(model, batch, new_tokens: int):
+    """-> (eager tokens, compiled tokens, the counting backend), the model left compiled with it."""
+    eager = model.generate(**batch, max_new_tokens=new_tokens, eos_token_id=[])
+    counter = CompileCounter()
+    model.compile_decode(backend=counter)
+    return eager, model.generate(**batch, max_new_tokens=new_tokens, eos_token_id=[]), counter
+
+
 def test_decode_step_is_traced_once_and_equals_eager(peaked_model):
     """A counting backend (runs the captured graph as it is): one whole graph for every step
     of a generation, including steps after the rolling cache wraps and left-padded rows."""
     batch = image_batch()
-    eager = peaked_model.generate(**batch, max_new_tokens=30, eos_token_id=[])
-    counter = CompileCounter()
-    peaked_model.compile_decode(backend=counter)
     try:
-        compiled = peaked_model.generate(**batch, max_new_tokens=30, eos_token_id=[])
+        eager, compiled, counter = generate_eager_then_counted(peaked_model, batch, 30)
         assert counter.frame_count == 1  # fullgraph: one graph, never retraced step to step
         assert torch.equal(compiled, eager)
         # Other prompt lengths: the rolling cache is the window long whatever the prompt, so the
@@ -98,12 +103,8 @@ def test_traces_through_the_triton_kernels(peaked_model, monkeypatch):
     compiled step still is one graph, the kernels inside it as custom ops, and generates what
     the eager Triton path does."""
     monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
-    batch = image_batch()
-    eager = peaked_model.generate(**batch, max_new_tokens=5, eos_token_id=[])
-    counter = CompileCounter()
-    peaked_model.compile_decode(backend=counter)
     try:
-        compiled = peaked_model.generate(**batch, max_new_tokens=5, eos_token_id=[])
+        eager, compiled, counter = generate_eager_then_counted(peaked_model, image_batch(), 5)
     finally:
         peaked_model.compile_decode(enable=False)
     assert counter.frame_count == 1
