@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .config import END_OF_UTTERANCE_TOKEN_ID, FAKE_IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, Idefics2Config
 
@@ -76,6 +77,29 @@ class SamplingOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+ARGMAX_CHUNK = 128
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, vocab] -> [B] long: exactly `logits.argmax(-1)` (the first maximum; a NaN
+    counts as the maximum), found in two levels because on the CPU torch's argmax over a long
+    row is a scalar loop (~60 us for one 32k-vocabulary row, ~300 us for eight), while amax is
+    vectorised: the row, padded with -inf to whole chunks, is viewed as [B, chunks, 128]; the
+    first chunk holding the row's maximum is the argmax of the chunk maxima, and the answer is
+    the first maximum inside that chunk (~35 / ~110 us; `benchmarks/decode_ops.py`)."""
+    if logits.device.type != "cpu" or logits.dim() != 2 or logits.shape[-1] <= ARGMAX_CHUNK:
+        return logits.argmax(dim=-1)
+    batch, vocab = logits.shape
+    num_chunks = -(-vocab // ARGMAX_CHUNK)
+    # -inf padding never wins against a real entry (argmax keeps the first of equal maxima, and
+    # padding comes last), so an all -inf row still gives 0, as argmax does.
+    chunks = F.pad(logits, (0, num_chunks * ARGMAX_CHUNK - vocab), value=float("-inf"))
+    chunks = chunks.view(batch, num_chunks, ARGMAX_CHUNK)
+    best_chunk = chunks.amax(dim=-1).argmax(dim=-1)  # [B]; amax propagates NaN, argmax takes it
+    within = chunks[torch.arange(batch, device=logits.device), best_chunk].argmax(dim=-1)
+    return best_chunk * ARGMAX_CHUNK + within
+
+
 def choose_next_token(
     logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -84,7 +108,7 @@ def choose_next_token(
     Sampling filters in the reference's order: temperature, then top-k, then top-p.
     """
     if not options.do_sample:
-        return logits.argmax(dim=-1)
+        return greedy_argmax(logits)
     scores = logits.float() / options.temperature
     if options.top_k is not None and options.top_k < scores.shape[-1]:
         kth_best = scores.topk(options.top_k, dim=-1).values[:, -1:]
@@ -219,15 +243,18 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     banned = BannedTokens(bad_words, model.device)
     pad = torch.full((batch,), pad_id, dtype=torch.long, device=model.device)
+    num_finished = 0  # rows that have stopped (a host int: the one sync per step)
     for step in range(max_new_tokens):
         banned.apply_(logits, lambda: torch.cat([history, new_tokens[:, :step]], dim=1))
         next_token = choose_next_token(logits, options, generator)
-        next_token = torch.where(finished, pad, next_token)
+        if num_finished:
+            next_token = torch.where(finished, pad, next_token)
         new_tokens[:, step] = next_token
         if streamer is not None:
             streamer(next_token)
         finished |= torch.isin(next_token, eos)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        num_finished = int(finished.sum())
+        if step == max_new_tokens - 1 or num_finished == batch:
             new_tokens = new_tokens[:, : step + 1]
             break
         logits = model.decode_step(next_token[:, None], state.cache)
