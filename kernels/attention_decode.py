@@ -47,6 +47,17 @@ def attention_decode_reference(
     # against that kv head's keys, so K/V are used as they are (no repeat). One fused SDPA call
     # keeps the per-step cost of this reference small on CPU, where decode is overhead-bound.
     q_grouped = q.view(batch, kv_heads, group, head_dim)
+    if torch.compiler.is_compiling():
+        # Inside a compiled decode step (Idefics2.compile_decode) the same math written out:
+        # Inductor fuses it with the neighbouring ops into its loops, where SDPA would stay an
+        # opaque call (~20-45 us each for a few dozen keys, 4 per step of the tiny model).
+        scale = head_dim**-0.5 if scale is None else scale
+        # fp32 scores and sums whatever the cache dtype, as SDPA's CPU kernels accumulate.
+        keys, values = k_cache.float()[:, :, None], v_cache.float()[:, :, None]  # [B, Hkv, 1, S, D]
+        scores = (q_grouped.float()[:, :, :, None, :] * keys).sum(-1) * scale  # [B, Hkv, G, S]
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        out = (scores.softmax(dim=-1)[..., None] * values).sum(-2)  # [B, Hkv, G, D]
+        return out.nan_to_num(0.0).to(q.dtype).view(batch, q_heads, head_dim)
     out = torch.nn.functional.scaled_dot_product_attention(
         q_grouped, k_cache, v_cache, attn_mask=valid[:, None, None, :], scale=scale
     )
