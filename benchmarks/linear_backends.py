@@ -2,9 +2,9 @@
 
     python benchmarks/linear_backends.py [--threads N] [--quick]
 
-Why `idefics2_mini.layers.linear` sends big fp32 weights to oneDNN and keeps small ones on
-F.linear: for each weight shape of Idefics2-8B (and of the e2e benchmark's tiny model) and each
-number of input rows (1 and 8 = decode, 99 / 359 = prefill of one image unsplit / split), the
+Why `idefics2_mini.layers.linear` sends big fp32 weights to oneDNN (one input row on Intel CPUs
+excepted) and keeps small ones on F.linear: for each weight shape of Idefics2-8B (and of the e2e
+benchmark's tiny model) and each number of input rows (1 and 8 = decode, 99 / 359 = prefill of one image unsplit / split), the
 median time of both backends on the same plain [out, in] weight, and the weight read rate
 (bytes of the weight / time). Results: benchmarks/results/<machine>/linear_backends.md.
 """
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         f"- {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, {info['date']}; fp32, "
         f"plain [out, in] weights, inference (no grad); median of repeated calls ({seconds} s each)",
         "- `linear` in idefics2_mini/layers.py uses oneDNN when the weight has at least "
-        f"{layers.ONEDNN_MIN_WEIGHT_ELEMENTS:,} elements",
+        f"{layers.ONEDNN_MIN_WEIGHT_ELEMENTS:,} elements"
+        + ("" if layers.ONEDNN_FOR_ONE_ROW else ", except for a single input row (F.linear: an Intel CPU, "
+           "where MKL's sgemv streams at full bandwidth; `ONEDNN_FOR_ONE_ROW`)"),
         "- ratio = oneDNN time / F.linear time (below 1: oneDNN faster); GB/s = weight bytes / time",
         "", "| weight | [out, in] | rows | F.linear µs | oneDNN µs | ratio | oneDNN GB/s | picked |",
         "|---|---|---:|---:|---:|---:|---:|---|",
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
                 x = torch.randn(rows, in_features)
                 mkl = median_us(lambda: F.linear(x, weight), seconds)
                 dnn = median_us(lambda: onednn(x, weight, None, "none", [], ""), seconds)
-                picked = "oneDNN" if weight.numel() >= layers.ONEDNN_MIN_WEIGHT_ELEMENTS else "F.linear"
+                big = weight.numel() >= layers.ONEDNN_MIN_WEIGHT_ELEMENTS
+                picked = "oneDNN" if big and (rows > 1 or layers.ONEDNN_FOR_ONE_ROW) else "F.linear"
                 row = (f"| {name} | [{out_features}, {in_features}] | {rows} | {mkl:,.0f} | {dnn:,.0f} | "
                        f"{dnn / mkl:.2f} | {weight.numel() * 4 / dnn / 1e3:.1f} | {picked} |")
                 print(row, flush=True)

@@ -45,11 +45,13 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------- linear layers
 #
 # Which CPU matmul runs a linear. torch's F.linear hands fp32 to MKL's sgemm, which on the AMD
-# EPYC this project is benchmarked on reads a big weight at 30-70% of the memory bandwidth for
-# decode-sized inputs (1-8 rows) and is up to 4x slower than oneDNN's inner product at 8 rows.
-# oneDNN (the library torch's own CPU compiler, Inductor, emits `mkldnn._linear_pointwise` for)
-# reads the plain [out, in] weight at ~100% of the bandwidth at one row, and is faster at
-# prefill sizes too (0.5-0.95x the time); see benchmarks/results/amd-epyc/linear_backends.md.
+# EPYC this project was first benchmarked on reads a big weight at 30-70% of the memory
+# bandwidth for decode-sized inputs (1-8 rows) and is up to 4x slower than oneDNN's inner
+# product at 8 rows. oneDNN (the library torch's own CPU compiler, Inductor, emits
+# `mkldnn._linear_pointwise` for) reads the plain [out, in] weight at ~100% of the bandwidth at
+# one row, and is faster at prefill sizes too (0.5-0.95x the time). On an Intel Xeon MKL is
+# on par at one row (see ONEDNN_FOR_ONE_ROW) and oneDNN still 2x faster at 8 rows. Per shape:
+# benchmarks/results/<machine>/linear_backends.md.
 # Below ~0.5M weight elements its fixed cost per call (~15 us) loses to MKL, so small weights
 # stay on F.linear. Only for inference (oneDNN's op has no autograd formula) and fp32 (bf16
 # F.linear already goes to oneDNN inside torch).
@@ -64,6 +66,28 @@ def _onednn_linear_available() -> bool:
 
 
 ONEDNN_LINEAR = _onednn_linear_available()  # set False to run every linear through F.linear
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo; "" where
+    there is none (not Linux, or not x86)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# One input row (a batch-1 decode step) makes the linear a matrix-vector product, which only
+# streams the weight. MKL picks its code paths by CPU vendor: on Intel its sgemv streams at the
+# full memory bandwidth and the 8B-wide decode step is 4-5% faster on F.linear than on oneDNN
+# (benchmarks/results/intel-r-xeon-r-processor/), while on AMD it is 2-12x slower than oneDNN
+# at one row (benchmarks/results/amd-epyc/linear_backends.md). From 2 rows on, oneDNN leads on
+# both (2x at 8 rows on the Intel Xeon too).
+ONEDNN_FOR_ONE_ROW = cpu_vendor() != "GenuineIntel"
 _onednn_linear_op = torch.ops.mkldnn._linear_pointwise if ONEDNN_LINEAR else None
 
 
@@ -82,11 +106,13 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in].T + bias [out] -> [..., out]: F.linear's contract, run by
-    oneDNN for big fp32 weights at inference on the CPU (see ONEDNN_MIN_WEIGHT_ELEMENTS)."""
+    oneDNN for big fp32 weights at inference on the CPU (see ONEDNN_MIN_WEIGHT_ELEMENTS), but
+    for a single input row on Intel CPUs (see ONEDNN_FOR_ONE_ROW)."""
     if x.device.type == "cpu" and weight.dim() == 2 and not _needs_grad(x, weight, bias):
         if weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS:
-            if (ONEDNN_LINEAR and x.dtype == torch.float32 and weight.dtype == torch.float32
-                    and weight.stride(1) == 1):
+            one_row = x.numel() == x.shape[-1]
+            if (ONEDNN_LINEAR and (ONEDNN_FOR_ONE_ROW or not one_row) and x.dtype == torch.float32
+                    and weight.dtype == torch.float32 and weight.stride(1) == 1):
                 if torch.compiler.is_compiling():
                     return _onednn_linear_opaque(x, weight, bias)
                 return _onednn_linear_op(x, weight, bias, "none", [], "")

@@ -83,3 +83,27 @@ def test_model_parity_with_every_linear_on_onednn(monkeypatch, gqa_pair):
     rows = [image_prompt_ids([1, 100, 200], 2, 4, [300, 400, 500]), image_prompt_ids([1, 7, 8, 9, 10, 11], 1, 4, [12])]
     compare(reference, ours, *left_pad(rows), pixel_values, pixel_mask)
     assert len(calls) > 20
+
+
+@needs_onednn
+@pytest.mark.parametrize("intel", [True, False], ids=["intel", "other-vendor"])
+def test_one_row_backend_follows_the_cpu_vendor(monkeypatch, intel):
+    """A single input row (batch-1 decode) runs on F.linear (MKL's sgemv) on Intel CPUs and on
+    oneDNN elsewhere; two rows run on oneDNN everywhere. Same result either way."""
+    calls = runs_onednn(monkeypatch)
+    monkeypatch.setattr(layers, "ONEDNN_FOR_ONE_ROW", not intel)
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(1024, 600, generator=generator)
+    with torch.no_grad():
+        for x in (torch.randn(600, generator=generator), torch.randn(1, 1, 600, generator=generator)):
+            assert close(layers.linear(x, weight), F.linear(x, weight))
+        assert len(calls) == (0 if intel else 2)
+        two_rows = torch.randn(1, 2, 600, generator=generator)
+        assert close(layers.linear(two_rows, weight), F.linear(two_rows, weight))
+    assert len(calls) == (1 if intel else 3)
+
+
+def test_cpu_vendor_reads_proc_cpuinfo():
+    vendor = layers.cpu_vendor()
+    assert isinstance(vendor, str)
+    assert layers.ONEDNN_FOR_ONE_ROW == (vendor != "GenuineIntel")
