@@ -55,3 +55,13 @@ def test_linear_backends_benchmark_quick_run(tmp_path):
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     table = (tmp_path / "linear_backends.md").read_text()
     assert table.count("| tiny lm_head |") == 4 and "oneDNN" in table
+
+
+def test_decode_ops_benchmark_quick_run(tmp_path):
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode_ops.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    table = (tmp_path / "decode_ops.md").read_text()
+    assert "| 8 |" in table and table.count("| tiny |") == 2

@@ -1,0 +1,123 @@
+"""The small per-step pieces of CPU decode that are not linears: choosing the greedy token, and
+decode attention eager (SDPA) against compiled (the math Inductor fuses).
+
+    python benchmarks/decode_ops.py [--threads N] [--quick]
+
+- greedy token: `torch.argmax` over a [B, 32003] row (a scalar loop on the CPU) against
+  `idefics2_mini.generation.greedy_argmax` (chunk maxima with the vectorised amax, then argmax
+  over 251 chunk maxima and over one 128-wide chunk); both give the same index.
+- decode attention: `kernels.attention_decode_reference` eager (one SDPA call) against the same
+  function under `torch.compile` (Inductor), where it is written as plain math. Alone, a
+  compiled call still pays Dynamo's guard check and the Python wrapper; inside the compiled
+  decode step it is fused into the surrounding loops, so the compiled figure here is an upper
+  bound of its cost there.
+
+Results: benchmarks/results/<machine>/decode_ops.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/kernels.py
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from benchmarks.common import machine_info, slug  # noqa: E402
+from idefics2_mini.generation import greedy_argmax  # noqa: E402
+
+VOCAB = 32003
+# (name, batch, q heads, kv heads, cached keys, head dim)
+ATTENTION_SHAPES = [
+    ("tiny", 1, 4, 2, 64, 32),
+    ("tiny", 8, 4, 2, 64, 32),
+    ("8B", 1, 32, 8, 1024, 128),
+    ("8B", 8, 32, 8, 1024, 128),
+]
+
+
+def median_us(fn, seconds: float) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seconds", type=float, default=0.5, help="time spent on each measurement")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, short runs (a smoke test)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<machine>)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = machine_info(torch.device("cpu"), args.threads)
+    seconds = 0.05 if args.quick else args.seconds
+
+    lines = [
+        f"# CPU decode pieces besides the linears — {info['cpu']}", "",
+        f"- {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, {info['date']}; fp32; "
+        f"median of repeated calls ({seconds} s each)", "",
+        "## Greedy token over a 32,003-entry vocabulary", "",
+        "| batch | torch.argmax µs | greedy_argmax µs | ratio |", "|---:|---:|---:|---:|",
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1, 8):
+        logits = torch.randn(batch, VOCAB, generator=generator)
+        if not torch.equal(greedy_argmax(logits), logits.argmax(-1)):
+            sys.exit("greedy_argmax disagrees with torch.argmax")
+        plain = median_us(lambda: logits.argmax(-1), seconds)
+        two_level = median_us(lambda: greedy_argmax(logits), seconds)
+        lines.append(f"| {batch} | {plain:,.1f} | {two_level:,.1f} | {two_level / plain:.2f} |")
+        print(lines[-1], flush=True)
+
+    lines += [
+        "", "## Decode attention: one query per row against the KV cache", "",
+        "| shape | batch | heads q/kv | keys | head dim | eager (SDPA) µs | compiled (math) µs | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    compiled = torch.compile(kernels.attention_decode_reference, fullgraph=True, dynamic=False)
+    shapes = [s for s in ATTENTION_SHAPES if not args.quick or s[0] == "tiny"]
+    with torch.no_grad():
+        for name, batch, q_heads, kv_heads, slots, head_dim in shapes:
+            q = torch.randn(batch, q_heads, head_dim, generator=generator)
+            k = torch.randn(batch, kv_heads, slots, head_dim, generator=generator)
+            v = torch.randn(batch, kv_heads, slots, head_dim, generator=generator)
+            seqlens = torch.full((batch,), slots, dtype=torch.int32)
+            key_mask = torch.ones(batch, slots, dtype=torch.bool)
+            key_mask[:, :3] = False  # left padding
+
+            def eager():
+                return kernels.attention_decode_reference(q, k, v, seqlens, key_mask=key_mask)
+
+            def fused():
+                return compiled(q, k, v, seqlens, key_mask=key_mask)
+
+            if (fused() - eager()).abs().max() > 1e-4:
+                sys.exit(f"compiled decode attention disagrees with the eager reference ({name}, batch {batch})")
+            eager_us, fused_us = median_us(eager, seconds), median_us(fused, seconds)
+            lines.append(f"| {name} | {batch} | {q_heads}/{kv_heads} | {slots} | {head_dim} | {eager_us:,.1f} | "
+                         f"{fused_us:,.1f} | {fused_us / eager_us:.2f} |")
+            print(lines[-1], flush=True)
+
+    out_dir = args.out or HERE / "results" / slug(info["cpu"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "decode_ops.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out_dir / 'decode_ops.md'}")
+
+
+if __name__ == "__main__":
+    main()
