@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -93,6 +94,29 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
     for _ in range(warmup):
         fn()
     return statistics.median(time_once(fn, device) for _ in range(max(1, repeats)))
+
+
+def write_markdown(out_dir: Path | None, info: dict[str, str], name: str, lines: list[str]) -> Path:
+    """Write `lines` to <out_dir or benchmarks/results/<machine>>/<name> and say so."""
+    out_dir = out_dir or Path(__file__).resolve().parent / "results" / slug(info["cpu"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / name).write_text("\n".join(lines) + "\n")
+    print(f"wrote {out_dir / name}")
+    return out_dir / name
+
+
+def median_call_us(fn: Callable[[], object], seconds: float) -> float:
+    """Median microseconds of a CPU call repeated for `seconds` (at least 5 times), after 3
+    untimed calls: for small ops, where one call is far below a timer's resolution of noise."""
+    for _ in range(3):
+        fn()
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
 
 
 def peak_rss_mib() -> float:

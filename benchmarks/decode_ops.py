@@ -18,9 +18,7 @@ Results: benchmarks/results/<machine>/decode_ops.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
-from benchmarks.common import machine_info, slug  # noqa: E402
+from benchmarks.common import machine_info, median_call_us, write_markdown  # noqa: E402
 from idefics2_mini.generation import greedy_argmax  # noqa: E402
 
 VOCAB = 32003
@@ -42,18 +40,6 @@ ATTENTION_SHAPES = [
     ("8B", 1, 32, 8, 1024, 128),
     ("8B", 8, 32, 8, 1024, 128),
 ]
-
-
-def median_us(fn, seconds: float) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 5:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         logits = torch.randn(batch, VOCAB, generator=generator)
         if not torch.equal(greedy_argmax(logits), logits.argmax(-1)):
             sys.exit("greedy_argmax disagrees with torch.argmax")
-        plain = median_us(lambda: logits.argmax(-1), seconds)
-        two_level = median_us(lambda: greedy_argmax(logits), seconds)
+        plain = median_call_us(lambda: logits.argmax(-1), seconds)
+        two_level = median_call_us(lambda: greedy_argmax(logits), seconds)
         lines.append(f"| {batch} | {plain:,.1f} | {two_level:,.1f} | {two_level / plain:.2f} |")
         print(lines[-1], flush=True)
 
@@ -108,15 +94,12 @@ def main(argv: list[str] | None = None) -> None:
 
             if (fused() - eager()).abs().max() > 1e-4:
                 sys.exit(f"compiled decode attention disagrees with the eager reference ({name}, batch {batch})")
-            eager_us, fused_us = median_us(eager, seconds), median_us(fused, seconds)
+            eager_us, fused_us = median_call_us(eager, seconds), median_call_us(fused, seconds)
             lines.append(f"| {name} | {batch} | {q_heads}/{kv_heads} | {slots} | {head_dim} | {eager_us:,.1f} | "
                          f"{fused_us:,.1f} | {fused_us / eager_us:.2f} |")
             print(lines[-1], flush=True)
 
-    out_dir = args.out or HERE / "results" / slug(info["cpu"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "decode_ops.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out_dir / 'decode_ops.md'}")
+    write_markdown(args.out, info, "decode_ops.md", lines)
 
 
 if __name__ == "__main__":

@@ -2,19 +2,19 @@
 
     python benchmarks/linear_backends.py [--threads N] [--quick]
 
-Why `idefics2_mini.layers.linear` sends big fp32 weights to oneDNN (one input row on Intel CPUs
-excepted) and keeps small ones on F.linear: for each weight shape of Idefics2-8B (and of the e2e
-benchmark's tiny model) and each number of input rows (1 and 8 = decode, 99 / 359 = prefill of one image unsplit / split), the
-median time of both backends on the same plain [out, in] weight, and the weight read rate
-(bytes of the weight / time). Results: benchmarks/results/<machine>/linear_backends.md.
+Why `idefics2_mini.layers.linear` sends big fp32 weights to oneDNN for some input row counts
+(all of them on AMD; 2 to 511 on Intel CPUs) and keeps small ones on F.linear: for each weight
+shape of Idefics2-8B (and of the e2e benchmark's tiny model) and each number of input rows
+(1 and 8 = decode, 99 / 359 = prefill of one image's prompt unsplit / split, 3220 = the patches
+of one image in the vision tower and projector), the median time of both backends on the same
+plain [out, in] weight, and the weight read rate (bytes of the weight / time).
+Results: benchmarks/results/<machine>/linear_backends.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -25,35 +25,34 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import machine_info, slug  # noqa: E402
+from benchmarks.common import machine_info, median_call_us, write_markdown  # noqa: E402
 from idefics2_mini import layers  # noqa: E402
 
 # (name, out, in): the 8B decoder, projector and vision tower, and the tiny model of e2e.py
 SHAPES = [
     ("8B lm_head", 32003, 4096),
     ("8B gate+up (fused)", 28672, 4096),
-    ("8B down", 4096, 14336),
+    ("8B down", 4096, 14336),  # also the projector's down
     ("8B q+k+v (fused)", 6144, 4096),
     ("8B o_proj", 4096, 4096),
     ("8B vision fc1", 4304, 1152),
     ("8B vision q+k+v (fused)", 3456, 1152),
+    ("8B projector gate+up", 28672, 1152),
     ("tiny lm_head", 32003, 128),
     ("tiny gate+up (fused)", 512, 128),
     ("tiny down", 128, 256),
 ]
 QUICK_SHAPES = ["8B o_proj", "tiny lm_head", "tiny gate+up (fused)"]
+# Input rows: 1 and 8 = decode, 99 / 359 = prefill of one image's prompt unsplit / split; the
+# vision tower and the projector also see every patch of an image: 3220 for a 980x653 photo.
+ROWS = (1, 8, 99, 359)
+PATCH_ROWS = 3220
+PATCH_SHAPES = ["8B vision fc1", "8B vision q+k+v (fused)", "8B projector gate+up", "8B down"]
 
 
-def median_us(fn, seconds: float) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 5:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+def rows_text(row_range: tuple[int, int | None]) -> str:
+    low, high = row_range
+    return f"at least {low}" if high is None else f"{low} to {high}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,9 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         f"- {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, {info['date']}; fp32, "
         f"plain [out, in] weights, inference (no grad); median of repeated calls ({seconds} s each)",
         "- `linear` in idefics2_mini/layers.py uses oneDNN when the weight has at least "
-        f"{layers.ONEDNN_MIN_WEIGHT_ELEMENTS:,} elements"
-        + ("" if layers.ONEDNN_FOR_ONE_ROW else ", except for a single input row (F.linear: an Intel CPU, "
-           "where MKL's sgemv streams at full bandwidth; `ONEDNN_FOR_ONE_ROW`)"),
+        f"{layers.ONEDNN_MIN_WEIGHT_ELEMENTS:,} elements and the input has {rows_text(layers.ONEDNN_ROWS)} rows "
+        "(`ONEDNN_ROWS`, by CPU vendor), else F.linear",
         "- ratio = oneDNN time / F.linear time (below 1: oneDNN faster); GB/s = weight bytes / time",
         "", "| weight | [out, in] | rows | F.linear µs | oneDNN µs | ratio | oneDNN GB/s | picked |",
         "|---|---|---:|---:|---:|---:|---:|---|",
@@ -86,20 +84,17 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         for name, out_features, in_features in shapes:
             weight = torch.randn(out_features, in_features)
-            for rows in (1, 8, 99, 359):
+            for rows in ROWS + ((PATCH_ROWS,) if name in PATCH_SHAPES and not args.quick else ()):
                 x = torch.randn(rows, in_features)
-                mkl = median_us(lambda: F.linear(x, weight), seconds)
-                dnn = median_us(lambda: onednn(x, weight, None, "none", [], ""), seconds)
+                mkl = median_call_us(lambda: F.linear(x, weight), seconds)
+                dnn = median_call_us(lambda: onednn(x, weight, None, "none", [], ""), seconds)
                 big = weight.numel() >= layers.ONEDNN_MIN_WEIGHT_ELEMENTS
-                picked = "oneDNN" if big and (rows > 1 or layers.ONEDNN_FOR_ONE_ROW) else "F.linear"
+                picked = "oneDNN" if big and layers.onednn_takes(rows) else "F.linear"
                 row = (f"| {name} | [{out_features}, {in_features}] | {rows} | {mkl:,.0f} | {dnn:,.0f} | "
                        f"{dnn / mkl:.2f} | {weight.numel() * 4 / dnn / 1e3:.1f} | {picked} |")
                 print(row, flush=True)
                 lines.append(row)
-    out_dir = args.out or HERE / "results" / slug(info["cpu"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "linear_backends.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out_dir / 'linear_backends.md'}")
+    write_markdown(args.out, info, "linear_backends.md", lines)
 
 
 if __name__ == "__main__":

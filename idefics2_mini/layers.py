@@ -49,8 +49,8 @@ class RMSNorm(nn.Module):
 # bandwidth for decode-sized inputs (1-8 rows) and is up to 4x slower than oneDNN's inner
 # product at 8 rows. oneDNN (the library torch's own CPU compiler, Inductor, emits
 # `mkldnn._linear_pointwise` for) reads the plain [out, in] weight at ~100% of the bandwidth at
-# one row, and is faster at prefill sizes too (0.5-0.95x the time). On an Intel Xeon MKL is
-# on par at one row (see ONEDNN_FOR_ONE_ROW) and oneDNN still 2x faster at 8 rows. Per shape:
+# one row, and is faster at prefill sizes too (0.5-0.95x the time). On an Intel Xeon MKL
+# leads at one row and at many rows, oneDNN in between (see ONEDNN_ROWS). Per shape:
 # benchmarks/results/<machine>/linear_backends.md.
 # Below ~0.5M weight elements its fixed cost per call (~15 us) loses to MKL, so small weights
 # stay on F.linear. Only for inference (oneDNN's op has no autograd formula) and fp32 (bf16
@@ -81,13 +81,22 @@ def cpu_vendor() -> str:
     return ""
 
 
-# One input row (a batch-1 decode step) makes the linear a matrix-vector product, which only
-# streams the weight. MKL picks its code paths by CPU vendor: on Intel its sgemv streams at the
-# full memory bandwidth and the 8B-wide decode step is 4-5% faster on F.linear than on oneDNN
-# (benchmarks/results/intel-r-xeon-r-processor/), while on AMD it is 2-12x slower than oneDNN
-# at one row (benchmarks/results/amd-epyc/linear_backends.md). From 2 rows on, oneDNN leads on
-# both (2x at 8 rows on the Intel Xeon too).
-ONEDNN_FOR_ONE_ROW = cpu_vendor() != "GenuineIntel"
+# Which input row counts (rows = x.numel() // in_features) oneDNN runs for a big weight; the
+# others go to F.linear (MKL). MKL picks its code paths by CPU vendor, and on an Intel CPU it
+# leads at both ends: at one row (a batch-1 decode step, a matrix-vector product that only
+# streams the weight) its sgemv streams at the full memory bandwidth, 4-5% ahead of oneDNN in
+# the 8B-wide decode step; from ~512 rows (prefill of an image: 3220 patches unsplit) its sgemm
+# is 0-17% faster per linear and the 8B-wide image prefill 8-11% faster. oneDNN leads in
+# between (2x at 8 rows). On AMD, MKL is 2-12x slower than oneDNN at one row and slower at
+# every size measured. Measured on an Intel Xeon (Emerald Rapids) and an AMD EPYC:
+# benchmarks/results/<machine>/linear_backends.md and e2e.md.
+ONEDNN_ROWS: tuple[int, int | None] = (2, 511) if cpu_vendor() == "GenuineIntel" else (1, None)
+
+
+def onednn_takes(rows: int) -> bool:
+    """Does `linear` hand a big fp32 weight with `rows` input rows to oneDNN (else F.linear)?"""
+    low, high = ONEDNN_ROWS
+    return low <= rows and (high is None or rows <= high)
 _onednn_linear_op = torch.ops.mkldnn._linear_pointwise if ONEDNN_LINEAR else None
 
 
@@ -106,13 +115,12 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in].T + bias [out] -> [..., out]: F.linear's contract, run by
-    oneDNN for big fp32 weights at inference on the CPU (see ONEDNN_MIN_WEIGHT_ELEMENTS), but
-    for a single input row on Intel CPUs (see ONEDNN_FOR_ONE_ROW)."""
+    oneDNN for big fp32 weights at inference on the CPU (see ONEDNN_MIN_WEIGHT_ELEMENTS), for
+    the row counts where it is the faster library (see ONEDNN_ROWS)."""
     if x.device.type == "cpu" and weight.dim() == 2 and not _needs_grad(x, weight, bias):
         if weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS:
-            one_row = x.numel() == x.shape[-1]
-            if (ONEDNN_LINEAR and (ONEDNN_FOR_ONE_ROW or not one_row) and x.dtype == torch.float32
-                    and weight.dtype == torch.float32 and weight.stride(1) == 1):
+            if (ONEDNN_LINEAR and x.dtype == torch.float32 and weight.dtype == torch.float32
+                    and weight.stride(1) == 1 and onednn_takes(x.numel() // weight.shape[1])):
                 if torch.compiler.is_compiling():
                     return _onednn_linear_opaque(x, weight, bias)
                 return _onednn_linear_op(x, weight, bias, "none", [], "")

@@ -87,23 +87,26 @@ def test_model_parity_with_every_linear_on_onednn(monkeypatch, gqa_pair):
 
 @needs_onednn
 @pytest.mark.parametrize("intel", [True, False], ids=["intel", "other-vendor"])
-def test_one_row_backend_follows_the_cpu_vendor(monkeypatch, intel):
-    """A single input row (batch-1 decode) runs on F.linear (MKL's sgemv) on Intel CPUs and on
-    oneDNN elsewhere; two rows run on oneDNN everywhere. Same result either way."""
+def test_row_counts_pick_the_backend_by_cpu_vendor(monkeypatch, intel):
+    """On Intel CPUs a single input row (batch-1 decode) and 512+ rows (an image's patches) run
+    on F.linear (MKL), 2-511 rows on oneDNN; elsewhere every row count runs on oneDNN. Same
+    result either way."""
     calls = runs_onednn(monkeypatch)
-    monkeypatch.setattr(layers, "ONEDNN_FOR_ONE_ROW", not intel)
+    monkeypatch.setattr(layers, "ONEDNN_ROWS", (2, 511) if intel else (1, None))
     generator = torch.Generator().manual_seed(7)
     weight = torch.randn(1024, 600, generator=generator)
+    expected_onednn = {1: not intel, 2: True, 511: True, 512: not intel, 700: not intel}
     with torch.no_grad():
-        for x in (torch.randn(600, generator=generator), torch.randn(1, 1, 600, generator=generator)):
+        for rows, onednn in expected_onednn.items():
+            x = torch.randn(1, rows, 600, generator=generator)
+            before = len(calls)
             assert close(layers.linear(x, weight), F.linear(x, weight))
-        assert len(calls) == (0 if intel else 2)
-        two_rows = torch.randn(1, 2, 600, generator=generator)
-        assert close(layers.linear(two_rows, weight), F.linear(two_rows, weight))
-    assert len(calls) == (1 if intel else 3)
+            assert len(calls) - before == int(onednn), rows
+        vector = torch.randn(600, generator=generator)  # 1-D input: one row
+        assert close(layers.linear(vector, weight), F.linear(vector, weight))
 
 
 def test_cpu_vendor_reads_proc_cpuinfo():
     vendor = layers.cpu_vendor()
     assert isinstance(vendor, str)
-    assert layers.ONEDNN_FOR_ONE_ROW == (vendor != "GenuineIntel")
+    assert layers.ONEDNN_ROWS == ((2, 511) if vendor == "GenuineIntel" else (1, None))
