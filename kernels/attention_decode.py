@@ -24,6 +24,13 @@ from ._triton import online_softmax_step, tl, to_dtype, triton
 from .dispatch import use_triton
 
 
+# Under torch.compile, decode attention is written as plain math while one kv head's cache holds
+# at most this many elements (keys x head dim: 128 x 32, 32 x 128; 16 KB of fp32 keys), else it
+# stays SDPA, whose blocked kernel is faster on more (1.6x at 128 x 128 on the Intel Xeon:
+# benchmarks/decode_ops.py, results/<machine>/decode_ops.md).
+COMPILED_MATH_MAX_KV_ELEMENTS = 64 * 64
+
+
 def attention_decode_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -47,10 +54,11 @@ def attention_decode_reference(
     # against that kv head's keys, so K/V are used as they are (no repeat). One fused SDPA call
     # keeps the per-step cost of this reference small on CPU, where decode is overhead-bound.
     q_grouped = q.view(batch, kv_heads, group, head_dim)
-    if torch.compiler.is_compiling():
-        # Inside a compiled decode step (Idefics2.compile_decode) the same math written out:
-        # Inductor fuses it with the neighbouring ops into its loops, where SDPA would stay an
-        # opaque call (~20-45 us each for a few dozen keys, 4 per step of the tiny model).
+    if torch.compiler.is_compiling() and slots * head_dim <= COMPILED_MATH_MAX_KV_ELEMENTS:
+        # Inside a compiled decode step (Idefics2.compile_decode), for a small cache, the same
+        # math written out: Inductor fuses it with the neighbouring ops into its loops, where
+        # SDPA would stay an opaque call (~20-45 us each for a few dozen keys, 4 per step of the
+        # tiny model). For a bigger cache SDPA's blocked kernel wins.
         scale = head_dim**-0.5 if scale is None else scale
         # fp32 scores and sums whatever the cache dtype, as SDPA's CPU kernels accumulate.
         keys, values = k_cache.float()[:, :, None], v_cache.float()[:, :, None]  # [B, Hkv, 1, S, D]
