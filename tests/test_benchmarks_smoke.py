@@ -64,4 +64,5 @@ def test_decode_ops_benchmark_quick_run(tmp_path):
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     table = (tmp_path / "decode_ops.md").read_text()
-    assert "| 8 |" in table and table.count("| tiny |") == 2
+    assert "| 8 |" in table and table.count("| tiny |") == 3
+    assert "| math |" in table and "| SDPA |" in table  # both compiled forms, by cache size
