@@ -83,10 +83,11 @@ ARGMAX_CHUNK = 128
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, vocab] -> [B] long: exactly `logits.argmax(-1)` (the first maximum; a NaN
     counts as the maximum), found in two levels because on the CPU torch's argmax over a long
-    row is a scalar loop (~60 us for one 32k-vocabulary row, ~300 us for eight), while amax is
-    vectorised: the row, padded with -inf to whole chunks, is viewed as [B, chunks, 128]; the
-    first chunk holding the row's maximum is the argmax of the chunk maxima, and the answer is
-    the first maximum inside that chunk (~35 / ~110 us; `benchmarks/decode_ops.py`)."""
+    row is a scalar loop while amax is vectorised: the row, padded with -inf to whole chunks, is
+    viewed as [B, chunks, 128]; the first chunk holding the row's maximum is the argmax of the
+    chunk maxima, and the answer is the first maximum inside that chunk. For a 32k vocabulary
+    on the Intel Xeon: 56 -> 34 us for one row, 232 -> 80 us for eight
+    (benchmarks/results/intel-r-xeon-r-processor/decode_ops.md)."""
     if logits.device.type != "cpu" or logits.dim() != 2 or logits.shape[-1] <= ARGMAX_CHUNK:
         return logits.argmax(dim=-1)
     batch, vocab = logits.shape
