@@ -86,8 +86,9 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     row is a scalar loop while amax is vectorised: the row, padded with -inf to whole chunks, is
     viewed as [B, chunks, 128]; the first chunk holding the row's maximum is the argmax of the
     chunk maxima, and the answer is the first maximum inside that chunk. For a 32k vocabulary
-    on the Intel Xeon: 56 -> 34 us for one row, 232 -> 80 us for eight
-    (benchmarks/results/intel-r-xeon-r-processor/decode_ops.md)."""
+    on the Intel Xeon: 78 -> 61 us for one row, 315 -> 149 us for eight
+    (benchmarks/results/intel-r-xeon-r-processor/decode_ops.md; 56 -> 34 and 232 -> 80 in an
+    earlier run of it)."""
     if logits.device.type != "cpu" or logits.dim() != 2 or logits.shape[-1] <= ARGMAX_CHUNK:
         return logits.argmax(dim=-1)
     batch, vocab = logits.shape

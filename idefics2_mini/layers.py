@@ -66,6 +66,7 @@ def _onednn_linear_available() -> bool:
 
 
 ONEDNN_LINEAR = _onednn_linear_available()  # set False to run every linear through F.linear
+_onednn_linear_op = torch.ops.mkldnn._linear_pointwise if ONEDNN_LINEAR else None
 
 
 def cpu_vendor() -> str:
@@ -97,7 +98,6 @@ def onednn_takes(rows: int) -> bool:
     """Does `linear` hand a big fp32 weight with `rows` input rows to oneDNN (else F.linear)?"""
     low, high = ONEDNN_ROWS
     return low <= rows and (high is None or rows <= high)
-_onednn_linear_op = torch.ops.mkldnn._linear_pointwise if ONEDNN_LINEAR else None
 
 
 @torch.library.custom_op("idefics2_mini::onednn_linear", mutates_args=())

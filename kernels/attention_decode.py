@@ -26,8 +26,8 @@ from .dispatch import use_triton
 
 # Under torch.compile, decode attention is written as plain math while one kv head's cache holds
 # at most this many elements (keys x head dim: 128 x 32, 32 x 128; 16 KB of fp32 keys), else it
-# stays SDPA, whose blocked kernel is faster on more (1.6x at 128 x 128 on the Intel Xeon:
-# benchmarks/decode_ops.py, results/<machine>/decode_ops.md).
+# stays SDPA: at the 8B head size (128) SDPA's blocked kernel is 1.1-2x faster from 128 keys on
+# (both compiled forms side by side: benchmarks/decode_ops.py, results/<machine>/decode_ops.md).
 COMPILED_MATH_MAX_KV_ELEMENTS = 64 * 64
 
 
