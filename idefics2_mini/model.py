@@ -21,6 +21,7 @@ from .config import Idefics2Config
 from .connector import Connector
 from .generation import GenerationDefaults, generate
 from .layers import Linear, prepare_for_compile
+from .loss import IGNORE_INDEX, cross_entropy, shift_labels
 from .packing import PackedImages, pack_images, pack_padded
 from .text import TextDecoder
 from .vision import VisionTransformer, patch_mask_from_pixel_mask
@@ -32,12 +33,13 @@ class InputError(ValueError):
 
 @dataclass
 class Idefics2Output:
-    """What `forward(..., output_hidden_states=True)` returns, for research and debugging."""
+    """What `forward` returns with `labels` (training) or `output_hidden_states=True` (research)."""
 
-    logits: torch.Tensor  # [B, T, vocab]
+    logits: torch.Tensor | None  # [B, T, vocab]; None after forward(labels=..., keep_logits=False)
     text_hidden_states: list[torch.Tensor] = field(default_factory=list)  # layers + 1 of [B, T, C]
     vision_hidden_states: list[torch.Tensor] = field(default_factory=list)  # layers + 1 of [I, L, 1152]
     image_features: torch.Tensor | None = None  # [I, 64, C], connector output
+    loss: torch.Tensor | None = None  # scalar, with labels: see loss.py
 
 
 class Idefics2(nn.Module):
@@ -164,6 +166,9 @@ class Idefics2(nn.Module):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         last_token_only: bool = False,
+        labels: torch.Tensor | None = None,
+        num_counted: int | torch.Tensor | None = None,
+        keep_logits: bool = True,
     ) -> torch.Tensor | Idefics2Output:
         """input_ids [B, T] long; attention_mask [B, T] (1 = real, 0 = left padding);
         pixel_values [B, N, 3, H, W]; pixel_attention_mask [B, N, H, W].
@@ -172,6 +177,12 @@ class Idefics2(nn.Module):
         `Idefics2Output` with per-layer hidden states and image features when
         `output_hidden_states=True`. `image_features` (from `get_image_features`) may be passed
         instead of pixels; `cache` continues a KV cache (see generation.py and `decode_step`).
+
+        Training: with `labels` [B, T] (-100 = not counted; see `Idefics2Processor.training_batch`)
+        the output also carries `.loss`, the next-token cross-entropy of loss.py (`num_counted`
+        overrides its divisor, for gradient accumulation). `keep_logits=False` runs the lm_head
+        only on the positions whose target counts and returns `.logits = None`: the [B, T, vocab]
+        logits and their gradient are the largest activations of a training step.
         """
         _check_text_inputs(input_ids, attention_mask, self.config)
         if cache is None and input_ids.shape[1] > self.config.text.max_position_embeddings:
@@ -187,6 +198,17 @@ class Idefics2(nn.Module):
         embeddings = self.embed_inputs(input_ids, image_features)
         text_hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
         hidden = self.text(embeddings, attention_mask, cache, text_hidden_states)
+        if labels is not None:
+            if tuple(labels.shape) != tuple(input_ids.shape):
+                raise InputError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
+            targets = shift_labels(labels.to(input_ids.device))
+            if keep_logits:
+                logits = self.lm_head(hidden)
+                loss = cross_entropy(logits.flatten(0, 1), targets.flatten(), num_counted)
+            else:
+                counted = targets != IGNORE_INDEX
+                logits, loss = None, cross_entropy(self.lm_head(hidden[counted]), targets[counted], num_counted)
+            return Idefics2Output(logits, text_hidden_states or [], vision_hidden_states or [], image_features, loss)
         if last_token_only:
             hidden = hidden[:, -1:]
         logits = self.lm_head(hidden)

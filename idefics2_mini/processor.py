@@ -24,13 +24,23 @@ from typing import Any, Sequence
 import torch
 
 from .image_processing import Idefics2ImageProcessor, ImageLike
+from .loss import IGNORE_INDEX
 from .tokenizer import END_OF_UTTERANCE_TOKEN, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Idefics2Tokenizer
 
 CHAT_ROLES = ("user", "assistant", "system")
 
 
 def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """The official Idefics2 chat template, written out in Python.
+    """The official Idefics2 chat template, written out in Python (see `render_turns`)."""
+    rendered = [head + body + "\n" for _, head, body in render_turns(messages)]
+    if add_generation_prompt:
+        rendered.append("Assistant:")
+    return "".join(rendered)
+
+
+def render_turns(messages: Sequence[dict]) -> list[tuple[str, str, str]]:
+    """Each turn of the official Idefics2 chat template as (role, head, body); the template is
+    the concatenation of head + body + "\n" over the turns.
 
     Each turn is `Role:` + content + `<end_of_utterance>\\n`, where Role is the capitalized role
     and the colon is followed by a space unless the turn starts with an image. Content is a
@@ -39,10 +49,13 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -
 
     Like the official template, a bare string *inside* a content list is not rendered (a
     warning says so): use {"type": "text", "text": ...} for text in a list.
+
+    head is `Role:` plus its separator; body is the content and the closing `<end_of_utterance>`
+    (what training counts in an assistant turn).
     """
     if isinstance(messages, dict) or not isinstance(messages, (list, tuple)):
         raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-    rendered = []
+    turns = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"messages[{index}] must be a dict with 'role' and 'content', got {message!r:.100}")
@@ -82,10 +95,8 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -
 
         starts_with_image = isinstance(content[0], dict) and content[0].get("type") == "image"
         separator = ":" if starts_with_image else ": "
-        rendered.append(role.capitalize() + separator + "".join(parts) + END_OF_UTTERANCE_TOKEN + "\n")
-    if add_generation_prompt:
-        rendered.append("Assistant:")
-    return "".join(rendered)
+        turns.append((role, role.capitalize() + separator, "".join(parts) + END_OF_UTTERANCE_TOKEN))
+    return turns
 
 
 class Idefics2Processor:
@@ -218,6 +229,94 @@ class Idefics2Processor:
                 input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.int64)
                 attention_mask[row, length - len(ids) :] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # ------------------------------------------------------------------ training
+
+    def tokenize_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+        """One conversation -> (token ids, counted): the ids of `self(text=render_chat(messages))`
+        (BOS first, every <image> expanded) and, per token, whether training counts it.
+
+        The labels rule: only what the assistant says is learned — the text of each assistant
+        turn and its closing `<end_of_utterance>`. The `Assistant:` head, every user/system turn,
+        the newlines between turns, BOS, and all `<image>` / `<fake_token_around_image>` tokens
+        (even inside an assistant turn) are not counted.
+        """
+        spans: list[tuple[int, int]] = []  # [start, end) character ranges that count
+        pieces = []
+        length = 0
+        for role, head, body in render_turns(messages):
+            body = self.expand_image_tokens(body)
+            if role == "assistant":
+                spans.append((length + len(head), length + len(head) + len(body)))
+            pieces.append(head + body + "\n")
+            length += len(pieces[-1])
+        text = "".join(pieces)
+
+        def counts(position: int) -> bool:
+            return any(start <= position < end for start, end in spans)
+
+        tokenizer = self.tokenizer
+        ids, counted = [tokenizer.bos_token_id], [False]
+        not_learned = {tokenizer.image_token_id, tokenizer.fake_image_token_id}
+        position = 0
+        for part in tokenizer.split_special_tokens(text):
+            special_id = tokenizer.special_token_to_id.get(part)
+            if special_id is not None:
+                ids.append(special_id)
+                counted.append(counts(position) and special_id not in not_learned)
+            else:
+                part_ids = tokenizer.sp.encode(part)  # exactly what tokenizer.encode does per segment
+                flags = [counts(position)] * len(part_ids)
+                # Where counting starts inside this segment ("Assistant: The..." -> at " The"),
+                # the tokens of the text before that point are the uncounted ones.
+                for start, _ in spans:
+                    if position < start < position + len(part):
+                        before = tokenizer.sp.encode(part[: start - position])
+                        shared = 0
+                        while shared < min(len(before), len(part_ids)) and before[shared] == part_ids[shared]:
+                            shared += 1
+                        flags[shared:] = [True] * (len(part_ids) - shared)
+                ids.extend(part_ids)
+                counted.extend(flags)
+            position += len(part)
+        return ids, counted
+
+    def training_batch(
+        self,
+        conversations: Sequence[Sequence[dict]],
+        images: Sequence[Sequence[ImageLike]] | None = None,
+        max_length: int | None = None,
+        packed: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Conversations (each a chat, see `render_chat`) and their images (one list per
+        conversation, in order of appearance) -> the model's inputs plus `labels` [B, T] int64:
+        the token id where `tokenize_chat` counts the token, -100 elsewhere (padding included).
+        Left padding, like `__call__`. Raises ValueError naming the conversation when one is
+        longer than `max_length` tokens or has no assistant turn to learn from."""
+        if isinstance(conversations, (str, dict)) or not conversations:
+            raise ValueError("conversations must be a non-empty list of chats (each a list of messages)")
+        token_ids, all_labels = [], []
+        for index, messages in enumerate(conversations):
+            ids, counted = self.tokenize_chat(messages)
+            if not any(counted):
+                raise ValueError(f"conversation {index} has no assistant turn: there is nothing to learn from it")
+            if max_length is not None and len(ids) > max_length:
+                raise ValueError(
+                    f"conversation {index} is {len(ids)} tokens long (images expanded), more than max_length "
+                    f"{max_length}: shorten it or raise max_length"
+                )
+            token_ids.append(ids)
+            all_labels.append([i if c else IGNORE_INDEX for i, c in zip(ids, counted)])
+        prompts = [render_chat(messages) for messages in conversations]
+        images_per_prompt = self._images_per_prompt(prompts, images)
+        batch = self._left_pad(token_ids)
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        for row, row_labels in enumerate(all_labels):
+            labels[row, labels.shape[1] - len(row_labels) :] = torch.tensor(row_labels, dtype=torch.int64)
+        batch["labels"] = labels
+        if any(images_per_prompt):
+            batch.update(self.image_processor(images_per_prompt, packed=packed))
+        return batch
 
     # ------------------------------------------------------------------ decoding
 
