@@ -260,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv[:1] == ["check"]:
             return run_check(build_check_parser().parse_args(argv[1:]).folder)
+        if argv[:1] == ["finetune"]:
+            from .finetune import main as finetune_main  # noqa: PLC0415  (training code only when asked)
+
+            return finetune_main(argv[1:])
         return run(build_parser().parse_args(argv))
     except SystemExit as exit_:  # argparse: usage errors (status 2) and --help (0)
         return exit_.code if isinstance(exit_.code, int) else 1

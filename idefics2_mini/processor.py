@@ -308,6 +308,8 @@ class Idefics2Processor:
             token_ids.append(ids)
             all_labels.append([i if c else IGNORE_INDEX for i, c in zip(ids, counted)])
         prompts = [render_chat(messages) for messages in conversations]
+        if images is not None and all(isinstance(i, (list, tuple)) and not i for i in images):
+            images = None  # text-only conversations (or a count mismatch, reported as such below)
         images_per_prompt = self._images_per_prompt(prompts, images)
         batch = self._left_pad(token_ids)
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)

@@ -147,3 +147,41 @@ def test_labels_shape_must_match(pair):
     _, ours = pair
     with pytest.raises(im.InputError, match="labels has shape"):
         ours(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2]]))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_chat_batch_from_the_processor(pair, split):
+    """The processor's training batch (labels from the chat rule) of two chats with photos of
+    different aspect ratios, image splitting off and on: loss and gradients equal the reference's."""
+    from pathlib import Path
+
+    from idefics2_mini.image_processing import Idefics2ImageProcessor
+
+    reference, ours = pair
+    images = Path(__file__).parent / "data" / "images"
+    processor = im.Idefics2Processor(
+        image_processor=Idefics2ImageProcessor(do_image_splitting=split, longest_edge=56, shortest_edge=28),
+        image_seq_len=4,
+    )
+    chats = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+         {"role": "assistant", "content": "A rocket."}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]},
+         {"role": "assistant", "content": "A cat; a coffee."},
+         {"role": "user", "content": "Sure?"},
+         {"role": "assistant", "content": "Yes."}],
+    ]
+    batch = processor.training_batch(
+        chats, [[images / "rocket.jpg"], [images / "chelsea.png", images / "coffee.png"]]
+    )
+    assert batch["pixel_values"].shape[1] == (10 if split else 2)
+    labels = batch.pop("labels")
+    for model in (reference, ours):
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(True)
+    out = ours(**batch, labels=labels)
+    ref = reference(**batch, position_ids=reference_position_ids(batch["attention_mask"]), labels=labels)
+    assert abs(out.loss.item() - ref.loss.item()) <= LOSS_RTOL * abs(ref.loss.item())
+    out.loss.backward()
+    ref.loss.backward()
+    assert_grads_match(grads_of(ours, official=True), grads_of(reference, official=False))
