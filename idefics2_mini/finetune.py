@@ -297,7 +297,7 @@ def finetune(options: FinetuneOptions, log: TextIO = sys.stderr) -> FinetuneResu
         say(f"nothing to do: the run in {out} already reached step {total_steps}")
     merged = None
     if opts.merge:
-        merged = _write_merged(model, weights, out / "merged", opts.lora_rank > 0)
+        merged = _write_merged(model, weights, out / "merged")
         say(f"merged checkpoint: {merged}")
     say(f"saved to {out}")
     return FinetuneResult(out, total_steps, [m["loss"] for m in metrics], merged)
@@ -345,19 +345,14 @@ def _load_state(state_file: Path, step_fn: OptimizerStep, total_steps: int) -> i
     return min(int(state["step"]), total_steps)
 
 
-def _write_merged(model, weights: Path, folder: Path, has_adapters: bool) -> Path:
+def _write_merged(model, weights: Path, folder: Path) -> Path:
     """A full checkpoint in the official layout, the adapters folded into the weights; the
     model keeps its adapters (unmerged) afterwards."""
     from .loading import save_checkpoint  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
-    if has_adapters:
-        lora.merge(model)
-    try:
+    with lora.merged_into_base(model):
         save_checkpoint(model, folder)
-    finally:
-        if has_adapters:
-            lora.unmerge(model)
     _copy_extras(weights, folder)
     return folder
 

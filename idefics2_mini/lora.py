@@ -20,6 +20,7 @@ projections, the vision tower left alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -173,6 +174,25 @@ def remove(model: nn.Module, merge: bool = True) -> nn.Module:
         parent, attribute = _parent(model, name)
         setattr(parent, attribute, module.as_linear())
     return model
+
+
+@contextlib.contextmanager
+def merged_into_base(model: nn.Module):
+    """Within the block the model is a plain model with the updates folded into its weights
+    (no LoRA module, no lora_* parameter: what a full checkpoint holds); afterwards the
+    adapters are back, unmerged."""
+    modules = lora_modules(model)
+    for name, module in modules.items():
+        module.merge()
+        parent, attribute = _parent(model, name)
+        setattr(parent, attribute, module.as_linear())
+    try:
+        yield model
+    finally:
+        for name, module in modules.items():
+            parent, attribute = _parent(model, name)
+            setattr(parent, attribute, module)
+            module.unmerge()
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
