@@ -4,12 +4,12 @@ decode attention eager (SDPA) against compiled (the math Inductor fuses).
     python benchmarks/decode_ops.py [--threads N] [--quick]
 
 - greedy token: `torch.argmax` over a [B, 32003] row (a scalar loop on the CPU) against
-  `idefics2_mini.generation.greedy_argmax` (chunk maxima with the vectorised amax, then argmax
+  `idefics2_mini.backends.cpu.greedy_argmax` (chunk maxima with the vectorised amax, then argmax
   over 251 chunk maxima and over one 128-wide chunk); both give the same index.
-- decode attention: `kernels.attention_decode_reference` eager (one SDPA call) against the same
-  function under `torch.compile` (Inductor) in both of its compiled forms, plain math and SDPA;
-  the model compiles the math for a small cache (`COMPILED_MATH_MAX_KV_ELEMENTS`, the "picked"
-  column) and SDPA otherwise. Alone, a compiled call still pays Dynamo's guard check and the
+- decode attention: `kernels.attention_decode_reference` eager (one SDPA call) against both forms
+  under `torch.compile` (Inductor): the reference (SDPA) and `attention_decode_math` (plain
+  math); inside a compiled step `kernels.attention_decode` runs the math for a small cache
+  (`COMPILED_MATH_MAX_KV_ELEMENTS`, the "picked" column) and SDPA otherwise. Alone, a compiled call still pays Dynamo's guard check and the
   Python wrapper (~40 us here); inside the compiled decode step the math is fused into the
   surrounding loops, so the compiled figures here are upper bounds of their cost there.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.common import machine_info, median_call_us, write_markdown  # noqa: E402
-from idefics2_mini.generation import greedy_argmax  # noqa: E402
+from idefics2_mini.backends.cpu import greedy_argmax  # noqa: E402
 
 # `kernels.attention_decode` the attribute is the function; the module is imported by name.
 decode_module = importlib.import_module("kernels.attention_decode")
@@ -100,22 +100,17 @@ def main(argv: list[str] | None = None) -> None:
 
             times = {"eager": median_call_us(eager, seconds)}
             torch._dynamo.reset()  # two graphs per shape; the recompile limit counts all of them
-            compiled = torch.compile(decode_module.attention_decode_reference, fullgraph=True, dynamic=False)
-            try:
-                # The compiled form follows the module's limit (Dynamo guards on it): above the
-                # cache size, math; below it, SDPA.
-                for form, form_limit in (("math", slots * head_dim), ("SDPA", slots * head_dim - 1)):
-                    decode_module.COMPILED_MATH_MAX_KV_ELEMENTS = form_limit
+            forms = (("math", decode_module.attention_decode_math), ("SDPA", decode_module.attention_decode_reference))
+            for form, function in forms:
+                compiled = torch.compile(function, fullgraph=True, dynamic=False)
 
-                    def fused():
-                        return compiled(q, k, v, seqlens, key_mask=key_mask)
+                def fused():
+                    return compiled(q, k, v, seqlens, key_mask=key_mask)
 
-                    if (fused() - eager()).abs().max() > 1e-4:
-                        sys.exit(f"compiled ({form}) decode attention disagrees with the eager reference "
-                                 f"({name}, batch {batch})")
-                    times[form] = median_call_us(fused, seconds)
-            finally:
-                decode_module.COMPILED_MATH_MAX_KV_ELEMENTS = limit
+                if (fused() - eager()).abs().max() > 1e-4:
+                    sys.exit(f"compiled ({form}) decode attention disagrees with the eager reference "
+                             f"({name}, batch {batch})")
+                times[form] = median_call_us(fused, seconds)
             picked = "math" if slots * head_dim <= limit else "SDPA"
             lines.append(f"| {name} | {batch} | {q_heads}/{kv_heads} | {slots} | {head_dim} | {times['eager']:,.1f} | "
                          f"{times['math']:,.1f} | {times['SDPA']:,.1f} | {times['math'] / times['SDPA']:.2f} | "

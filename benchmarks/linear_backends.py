@@ -2,7 +2,7 @@
 
     python benchmarks/linear_backends.py [--threads N] [--quick]
 
-Why `idefics2_mini.layers.linear` sends big fp32 weights to oneDNN for some input row counts
+Why `idefics2_mini.backends.cpu.linear` sends big fp32 weights to oneDNN for some input row counts
 (all of them on AMD; 2 to 511 on Intel CPUs) and keeps small ones on F.linear: for each weight
 shape of Idefics2-8B (and of the e2e benchmark's tiny model) and each number of input rows
 (1 and 8 = decode, 99 / 359 = prefill of one image's prompt unsplit / split, 3220 = the patches
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import machine_info, median_call_us, write_markdown  # noqa: E402
-from idefics2_mini import layers  # noqa: E402
+from idefics2_mini.backends import cpu  # noqa: E402
 
 # (name, out, in): the 8B decoder, projector and vision tower, and the tiny model of e2e.py
 SHAPES = [
@@ -62,20 +62,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="three shapes, short runs (a smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<machine>)")
     args = parser.parse_args(argv)
-    if not layers.ONEDNN_LINEAR:
+    if not cpu.ONEDNN_LINEAR:
         sys.exit("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
     torch.set_num_threads(args.threads)
     info = machine_info(torch.device("cpu"), args.threads)
     shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK_SHAPES]
     seconds = 0.05 if args.quick else args.seconds
-    onednn = layers._onednn_linear_op
+    onednn = cpu._onednn_linear_op
 
     lines = [
         f"# CPU linear backends: F.linear (MKL) vs oneDNN — {info['cpu']}", "",
         f"- {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, {info['date']}; fp32, "
         f"plain [out, in] weights, inference (no grad); median of repeated calls ({seconds} s each)",
-        "- `linear` in idefics2_mini/layers.py uses oneDNN when the weight has at least "
-        f"{layers.ONEDNN_MIN_WEIGHT_ELEMENTS:,} elements and the input has {rows_text(layers.ONEDNN_ROWS)} rows "
+        "- `linear` in idefics2_mini/cpu.py uses oneDNN when the weight has at least "
+        f"{cpu.ONEDNN_MIN_WEIGHT_ELEMENTS:,} elements and the input has {rows_text(cpu.ONEDNN_ROWS)} rows "
         "(`ONEDNN_ROWS`, by CPU vendor), else F.linear",
         "- ratio = oneDNN time / F.linear time (below 1: oneDNN faster); GB/s = weight bytes / time",
         "", "| weight | [out, in] | rows | F.linear µs | oneDNN µs | ratio | oneDNN GB/s | picked |",
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                 x = torch.randn(rows, in_features)
                 mkl = median_call_us(lambda: F.linear(x, weight), seconds)
                 dnn = median_call_us(lambda: onednn(x, weight, None, "none", [], ""), seconds)
-                big = weight.numel() >= layers.ONEDNN_MIN_WEIGHT_ELEMENTS
-                picked = "oneDNN" if big and layers.onednn_takes(rows) else "F.linear"
+                big = weight.numel() >= cpu.ONEDNN_MIN_WEIGHT_ELEMENTS
+                picked = "oneDNN" if big and cpu.onednn_takes(rows) else "F.linear"
                 row = (f"| {name} | [{out_features}, {in_features}] | {rows} | {mkl:,.0f} | {dnn:,.0f} | "
                        f"{dnn / mkl:.2f} | {weight.numel() * 4 / dnn / 1e3:.1f} | {picked} |")
                 print(row, flush=True)

@@ -5,12 +5,15 @@
     processor = im.Idefics2Processor.from_pretrained(path)
 """
 
+from .backends import apply_backends, compile_decode
 from .cache import KVCache
 from .config import Idefics2Config, PerceiverConfig, TextConfig, VisionConfig
-from .loading import PREFIX_TABLE, CheckpointError, load_model, save_checkpoint
+from .loading import PREFIX_TABLE, CheckpointError, save_checkpoint
 from .model import Idefics2, Idefics2Output, InputError
 from .packing import PackedImages
 from .processor import Idefics2Processor
+
+load_model = Idefics2.from_pretrained
 
 __all__ = [
     "PREFIX_TABLE",
@@ -25,6 +28,8 @@ __all__ = [
     "PerceiverConfig",
     "TextConfig",
     "VisionConfig",
+    "apply_backends",
+    "compile_decode",
     "load_model",
     "save_checkpoint",
 ]

@@ -316,7 +316,9 @@ def run(args: argparse.Namespace) -> int:
     model = _load(weights, dtype, device, quiet=args.quiet)
     load_seconds = time.perf_counter() - start
     if args.compile:
-        model.compile_decode()  # compiles on the first decode step
+        from . import backends  # noqa: PLC0415
+
+        backends.compile_decode(model)  # compiles on the first decode step
     if is_demo:
         print(_demo_notice(weights), file=err)
 

@@ -17,7 +17,7 @@ from torch import nn
 import kernels
 
 from .config import Idefics2Config, PerceiverConfig
-from .layers import FusedProjections, Linear, RMSNorm, SwiGLU, fuse_linears, project
+from .layers import RMSNorm, SwiGLU
 from .packing import PackedImages
 
 
@@ -57,14 +57,10 @@ class PerceiverAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.resampler_head_dim
         width = config.hidden_size
-        self.q_proj = Linear(width, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.num_heads * self.head_dim, width, bias=False)
-        self.fused_kv: FusedProjections | None = None
-
-    def fuse(self, mode: str = "copy") -> None:
-        self.fused_kv = fuse_linears([self.k_proj, self.v_proj], mode)
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
 
     def forward(
         self,
@@ -77,7 +73,7 @@ class PerceiverAttention(nn.Module):
         bool -> [N, n_latents, C]. Packed: latents [I*n, C], context [P, C] -> [I*n, C]."""
         if packing is not None:
             keys_in = torch.cat([context, latents]).index_select(0, packing.key_order)
-            k, v = project(self.fused_kv, [self.k_proj, self.v_proj], keys_in)
+            k, v = self.project_kv(keys_in)
             q = self.q_proj(latents).view(latents.shape[0], self.num_heads, self.head_dim)
             k = k.view(keys_in.shape[0], self.num_kv_heads, self.head_dim)
             v = v.view(keys_in.shape[0], self.num_kv_heads, self.head_dim)
@@ -89,12 +85,17 @@ class PerceiverAttention(nn.Module):
         num_images, num_latents, _ = latents.shape
         keys_in = torch.cat([context, latents], dim=1)  # [N, L + n_latents, C]
         num_keys = keys_in.shape[1]
-        k, v = project(self.fused_kv, [self.k_proj, self.v_proj], keys_in)
+        k, v = self.project_kv(keys_in)
         q = self.q_proj(latents).view(num_images, num_latents, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(num_images, num_keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(num_images, num_keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
         out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(num_images, num_latents, -1))
+
+    def project_kv(self, keys_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys_in [..., C] -> k, v [..., Hkv*D]; one method so that a backend can serve both
+        with one matmul (backends/fusion.py)."""
+        return self.k_proj(keys_in), self.v_proj(keys_in)
 
 
 class PerceiverLayer(nn.Module):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from .backends.cpu import greedy_argmax
 from .config import END_OF_UTTERANCE_TOKEN_ID, FAKE_IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, Idefics2Config
 
 
@@ -77,31 +77,6 @@ class SamplingOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-ARGMAX_CHUNK = 128
-
-
-def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """logits [B, vocab] -> [B] long: exactly `logits.argmax(-1)` (the first maximum; a NaN
-    counts as the maximum), found in two levels because on the CPU torch's argmax over a long
-    row is a scalar loop while amax is vectorised: the row, padded with -inf to whole chunks, is
-    viewed as [B, chunks, 128]; the first chunk holding the row's maximum is the argmax of the
-    chunk maxima, and the answer is the first maximum inside that chunk. For a 32k vocabulary
-    on the Intel Xeon: 78 -> 61 us for one row, 315 -> 149 us for eight
-    (benchmarks/results/intel-r-xeon-r-processor/decode_ops.md; 56 -> 34 and 232 -> 80 in an
-    earlier run of it)."""
-    if logits.device.type != "cpu" or logits.dim() != 2 or logits.shape[-1] <= ARGMAX_CHUNK:
-        return logits.argmax(dim=-1)
-    batch, vocab = logits.shape
-    num_chunks = -(-vocab // ARGMAX_CHUNK)
-    # -inf padding never wins against a real entry (argmax keeps the first of equal maxima, and
-    # padding comes last), so an all -inf row still gives 0, as argmax does.
-    chunks = F.pad(logits, (0, num_chunks * ARGMAX_CHUNK - vocab), value=float("-inf"))
-    chunks = chunks.view(batch, num_chunks, ARGMAX_CHUNK)
-    best_chunk = chunks.amax(dim=-1).argmax(dim=-1)  # [B]; amax propagates NaN, argmax takes it
-    within = chunks[torch.arange(batch, device=logits.device), best_chunk].argmax(dim=-1)
-    return best_chunk * ARGMAX_CHUNK + within
-
-
 def choose_next_token(
     logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -110,7 +85,7 @@ def choose_next_token(
     Sampling filters in the reference's order: temperature, then top-k, then top-p.
     """
     if not options.do_sample:
-        return greedy_argmax(logits)
+        return greedy_argmax(logits)  # = logits.argmax(-1), vectorised on the CPU
     scores = logits.float() / options.temperature
     if options.top_k is not None and options.top_k < scores.shape[-1]:
         kth_best = scores.topk(options.top_k, dim=-1).values[:, -1:]

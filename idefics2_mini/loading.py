@@ -1,4 +1,13 @@
-"""Load and save checkpoints in the official Idefics2 safetensors layout.
+"""Load, check and save checkpoints in the official Idefics2 safetensors layout.
+
+This module knows files, not the architecture: it fills (or checks against) a model that the
+caller built, so `model.py` can use it without it importing `model.py`.
+
+    inspect_checkpoint(folder)           every tensor's name, shape and file, from the headers only
+    tensor_problems(model, found)        the one rule: every expected tensor, nothing else, same shapes
+    load_weights(model, folder, ...)     both checks, then the bytes: mapped or copied
+    check_checkpoint(folder, Idefics2)   both checks plus config and tokenizer, every problem listed
+    save_checkpoint(model, folder)
 
 The official names and ours differ only in their prefixes (every sub-name inside a component is
 the official one), so the whole mapping is this table:
@@ -12,14 +21,15 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
+from .backends.fusion import fuse_projections
 from .config import Idefics2Config
-from .generation import GenerationDefaults
-from .model import Idefics2
 
 # official checkpoint prefix        -> prefix in Idefics2 (first match wins)
 PREFIX_TABLE: tuple[tuple[str, str], ...] = (
@@ -53,32 +63,6 @@ def ours_to_official(name: str) -> str:
         if name.startswith(ours):
             return official + name[len(ours) :]
     raise KeyError(name)
-
-
-def checkpoint_files(path: Path) -> dict[str, Path]:
-    """Official tensor name -> the file that holds it, for a single or sharded checkpoint.
-
-    Checks that every shard the index names exists; raises CheckpointError naming what is missing.
-    """
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
-    index_path, single_path = path / INDEX_FILE, path / SINGLE_FILE
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index_path} is not a valid safetensors index (needs a 'weight_map'): {err}") from err
-        shards = sorted(set(weight_map.values()))
-        missing = [shard for shard in shards if not (path / shard).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"{path}: the index names {len(shards)} shard(s) but {len(missing)} are missing: {', '.join(missing)}"
-            )
-        return {name: path / shard for name, shard in weight_map.items()}
-    if single_path.is_file():
-        names = _tensor_names(single_path)
-        return {name: single_path for name in names}
-    raise CheckpointError(f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
 # safetensors dtype codes -> torch dtypes (the file format: 8-byte little-endian header length,
@@ -129,11 +113,153 @@ def read_header(file: Path) -> tuple[dict[str, dict], int]:
     return header, data_start
 
 
-def _tensor_names(file: Path) -> list[str]:
-    return list(read_header(file)[0])
-
-
 Headers = dict[Path, tuple[dict[str, dict], int]]  # file -> read_header(file)
+
+
+@dataclass
+class Inspection:
+    """What a checkpoint folder holds, read from its index and safetensors headers only (not the
+    data, so it takes seconds even for the 33.6 GB official download)."""
+
+    files: dict[str, Path] = field(default_factory=dict)  # official tensor name -> the file holding it
+    headers: Headers = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+
+    def entry(self, name: str) -> dict:
+        """The header entry {dtype, shape, data_offsets} of tensor `name`."""
+        return self.headers[self.files[name]][0][name]
+
+
+def inspect_checkpoint(folder: str | Path) -> Inspection:
+    """Read a checkpoint folder's index and every file's safetensors header. Problems found (all
+    of them, not only the first): no weights; an index that is not valid; a shard the index
+    names missing; a file truncated or with a corrupt header (see `read_header`); the index and
+    a shard disagreeing on which tensors it holds; a tensor that is not floating point."""
+    folder = Path(folder)
+    found = Inspection()
+    if not folder.is_dir():
+        found.problems.append(f"{folder} is not a folder")
+        return found
+    index_path, single_path = folder / INDEX_FILE, folder / SINGLE_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"'weight_map' is a {type(weight_map).__name__}")
+        except (ValueError, KeyError, TypeError) as err:
+            found.problems.append(f"{INDEX_FILE} is not a valid index (needs a 'weight_map' object): {err}")
+            return found
+        shards = sorted(set(weight_map.values()))
+        found.findings.append(f"{INDEX_FILE}: {len(weight_map)} tensors in {len(shards)} shard(s)")
+        for shard in shards:
+            listed = {name for name, file in weight_map.items() if file == shard}
+            if not (folder / shard).is_file():
+                found.problems.append(f"missing shard {shard} (the index puts {len(listed)} tensors in it)")
+                continue
+            if _add_file(found, folder / shard):
+                _compare_shard(shard, listed, set(found.headers[folder / shard][0]), found.problems)
+    elif single_path.is_file():
+        if _add_file(found, single_path):
+            found.findings.append(f"{SINGLE_FILE}: {len(found.files)} tensors")
+    else:
+        found.problems.append(f"no weights: {folder} holds neither {SINGLE_FILE} nor {INDEX_FILE} (+ shards)")
+    for name, file in found.files.items():
+        if not SAFETENSORS_DTYPES[found.entry(name)["dtype"]].is_floating_point:
+            found.problems.append(f"{file.name}: tensor {name} has dtype {found.entry(name)['dtype']}, "
+                                  "expected floating point")
+    return found
+
+
+def _add_file(found: Inspection, file: Path) -> bool:
+    try:
+        found.headers[file] = read_header(file)
+    except CheckpointError as err:
+        found.problems.append(str(err))
+        return False
+    found.files.update({name: file for name in found.headers[file][0]})
+    return True
+
+
+def _compare_shard(shard: str, listed: set[str], held: set[str], problems: list[str]) -> None:
+    if listed - held:
+        problems.append(f"{shard} lacks {len(listed - held)} tensor(s) the index puts in it: {_shown(listed - held)}")
+    if held - listed:
+        problems.append(f"{shard} holds {len(held - listed)} tensor(s) the index does not list: {_shown(held - listed)}")
+
+
+def _shown(names, limit: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def tensor_problems(model: nn.Module, found: Inspection, folder: str | Path = "") -> list[str]:
+    """The checkpoint against the model built from its config.json (on the meta device is
+    enough): every parameter present under its official name, no tensor the model lacks, every
+    shape equal. A tied parameter (lm_head = embeddings) is expected once."""
+    expected = {ours_to_official(name): list(param.shape) for name, param in model.named_parameters()}
+    config_file = Path(folder) / "config.json"
+    problems = []
+    missing = set(expected) - set(found.files)
+    unexpected = set(found.files) - set(expected)
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s) that config.json needs are in no shard: {_shown(missing)}")
+    if unexpected:
+        shown = _shown(f"{name} (in {found.files[name].name})" for name in unexpected)
+        problems.append(f"{len(unexpected)} unexpected tensor(s), which the model does not have: {shown}")
+    wrong = [f"{name} has shape {found.entry(name)['shape']} but the config ({config_file}) needs {shape}"
+             for name, shape in sorted(expected.items()) if name in found.files and found.entry(name)["shape"] != shape]
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) with the wrong shape: " + "; ".join(wrong[:3]))
+    return problems
+
+
+def check_checkpoint(
+    folder: str | Path, build_model: Callable[[Idefics2Config], nn.Module], require_tokenizer: bool = True
+) -> tuple[list[str], list[str]]:
+    """Verify a checkpoint folder without loading any weights: (problems, findings).
+
+    config.json readable; `inspect_checkpoint`'s file checks; `tensor_problems` against
+    `build_model(config)` (e.g. `Idefics2`, built on the meta device: names and shapes only);
+    tokenizer.model present and the 32000-piece Mistral SentencePiece model."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"], []
+    problems: list[str] = []
+    findings: list[str] = []
+    config = None
+    try:
+        config = Idefics2Config.from_pretrained(folder)
+        findings.append(f"config.json: {config.text.num_hidden_layers} decoder layers, "
+                        f"{config.vision.num_hidden_layers} vision layers, vocab {config.text.vocab_size}")
+    except (OSError, ValueError) as err:
+        problems.append(f"config.json: {err}")
+    found = inspect_checkpoint(folder)
+    problems += found.problems
+    findings += found.findings
+    if config is not None and found.files and not problems:
+        with torch.device("meta"):  # shapes only, no memory
+            model = build_model(config)
+        problems += tensor_problems(model, found, folder)
+        if not problems:
+            total = sum(end - begin for name in found.files for begin, end in [found.entry(name)["data_offsets"]])
+            findings.append(f"tensors: all {len(found.files)} present, {total / 1e9:.2f} GB")
+
+    tokenizer_path = folder / "tokenizer.model"
+    if tokenizer_path.is_file():
+        try:
+            from .tokenizer import Idefics2Tokenizer  # noqa: PLC0415  (sentencepiece only when checked)
+
+            Idefics2Tokenizer(tokenizer_path)
+            findings.append("tokenizer.model: ok")
+        except (OSError, RuntimeError, ValueError) as err:
+            problems.append(f"tokenizer.model: {err}")
+    elif require_tokenizer:
+        problems.append(
+            "tokenizer.model is missing: copy weights/tokenizer.model (the same Mistral-7B-v0.1 SentencePiece "
+            f"model) into {folder}"
+        )
+    return problems, findings
 
 
 def _iter_tensors(
@@ -161,8 +287,6 @@ def _iter_tensors(
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         file_bytes = torch.frombuffer(mapped, dtype=torch.uint8) if keep_mapped else None
         for name in names:
-            if name not in header:
-                raise CheckpointError(f"{file} does not hold tensor {name}, which the index says it does")
             entry = header[name]
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             begin, end = (data_start + offset for offset in entry["data_offsets"])
@@ -180,95 +304,89 @@ def _iter_tensors(
             mapped.close()
 
 
-def load_model(
+def load_weights(
+    model: nn.Module,
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
     mmap: bool | None = None,
-) -> Idefics2:
-    """Build the model from `path` (config.json + official safetensors) in `dtype` on `device`.
+    fuse: bool = True,
+) -> nn.Module:
+    """Fill `model` (built from `path`'s config.json, on the meta device) with the checkpoint's
+    tensors in `dtype` on `device`; parameters come back frozen (requires_grad=False).
 
-    Two ways, the same model and the same checks:
+    Strict: `inspect_checkpoint` and `tensor_problems` first, from the headers alone; any
+    problem raises CheckpointError naming tensor and file before a byte of data is read. Then
+    one of two ways, the same model:
 
     - mapped (mmap=True; the default on the CPU when every checkpoint tensor is already in
       `dtype`): the parameters *are* the checkpoint's bytes, views of a private (copy-on-write)
       memory mapping of each file. Nothing is read at load time: pages are read on first use
       and stay shared with the page cache, like the reference's loader. Changing a parameter
-      in place never writes to the file. Projections are fused as views where the file holds
-      them back to back (gate/up in the official layout); q/k/v are copied into a fused matrix
-      only when small, else they run one by one (see `layers.fuse_linears`, mode "mapped").
+      in place never writes to the file. With `fuse`, projections are fused as views where the
+      file holds them back to back (gate/up in the official layout; backends/fusion.py, mode
+      "mapped").
     - copied (mmap=False, and always on GPUs or when converting dtype): the model is laid out
-      once in `dtype` on `device` in its final form (fused projections; see
-      `Idefics2.fuse_projections`) and each tensor is copied from the mapped file into it,
-      converting on the way: peak memory is the model plus one tensor in flight.
+      once in `dtype` on `device` in its final form (with `fuse`: the fused projections'
+      matrices) and each tensor is copied from the mapped file into it, converting on the way:
+      peak memory is the model plus one tensor in flight.
 
-    Strict: every expected tensor present, nothing unexpected, every shape equal; otherwise
-    CheckpointError naming tensor and file. `progress(done, total)` is called after each file.
+    `progress(done, total)` is called after each file.
     """
     path = Path(path)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
     device = torch.device(device)
-    config = Idefics2Config.from_pretrained(path)
-    files = checkpoint_files(path)
-    with torch.device("meta"):
-        model = Idefics2(config)
-    expected_names = {name for name, _ in model.named_parameters()}
+    found = inspect_checkpoint(path)
+    problems = found.problems or tensor_problems(model, found, path)
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    tied = _tied_parameters(model)
 
-    unexpected = sorted(name for name in files if official_to_ours(name) not in expected_names)
-    if unexpected:
-        shown = ", ".join(f"{name} (in {files[name].name})" for name in unexpected[:5])
-        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
-        raise CheckpointError(f"{path}: unexpected tensors not in the model: {shown}{more}")
-    present = {official_to_ours(name) for name in files}
-    tied = {"lm_head.weight"} if config.text.tie_word_embeddings else set()
-    missing = sorted(ours_to_official(name) for name in expected_names if name not in present and name not in tied)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {shown}")
-
-    headers = {file: read_header(file) for file in sorted(set(files.values()))}
-    mapped = _use_mapping(mmap, headers, dtype, device)
+    mapped = _use_mapping(mmap, found.headers, dtype, device)
     if not mapped:
         _allocate_parameters(model, dtype, device)  # uninitialised; every one is overwritten below
-        model.fuse_projections("empty")
+        if fuse:
+            fuse_projections(model, "empty")
     expected = dict(model.named_parameters())
-    total_files = len(set(files.values()))
+    total_files = len(found.headers)
     current_file, files_done = None, 0
     with torch.no_grad():
-        for name, file, tensor in _iter_tensors(files, headers, keep_mapped=mapped):
+        for name, file, tensor in _iter_tensors(found.files, found.headers, keep_mapped=mapped):
             if file != current_file:
                 if current_file is not None and progress is not None:
                     files_done += 1
                     progress(files_done, total_files)
                 current_file = file
             ours = official_to_ours(name)
-            target = expected[ours]
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(
-                    f"{file.name}: tensor {name} has shape {list(tensor.shape)} but the config "
-                    f"({path / 'config.json'}) needs {list(target.shape)}"
-                )
-            if not tensor.is_floating_point():
-                raise CheckpointError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected floating point")
             if mapped:
                 module_name, _, attribute = ours.rpartition(".")
                 setattr(model.get_submodule(module_name), attribute, torch.nn.Parameter(tensor, requires_grad=False))
             else:
-                target.copy_(tensor)  # converting dtype, moving device: parameters never alias the file
+                expected[ours].copy_(tensor)  # converting dtype, moving device: parameters never alias the file
             del tensor
     if progress is not None and current_file is not None:
         progress(files_done + 1, total_files)
-    if config.text.tie_word_embeddings:
-        model.lm_head.weight = model.text.embed_tokens.weight
-    if mapped:
-        model.fuse_projections("mapped")
-    # Non-persistent buffers (RoPE frequencies) are recomputed, not loaded.
-    model.text.rotary = type(model.text.rotary)(config.text.head_dim, config.text.rope_theta).to(device)
-    model.generation_defaults = GenerationDefaults.from_pretrained(path, config)
-    model.eval()
+    for alias, name in tied.items():
+        module_name, _, attribute = alias.rpartition(".")
+        setattr(model.get_submodule(module_name), attribute, model.get_parameter(name))
+    if mapped and fuse:
+        fuse_projections(model, "mapped")
     return model
+
+
+def _tied_parameters(model: nn.Module) -> dict[str, str]:
+    """{name: the name it shares its Parameter with} for parameters registered twice (a tied
+    lm_head): the checkpoint holds them once, and the loader ties them again after loading."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied
 
 
 def _use_mapping(mmap: bool | None, headers: Headers, dtype: torch.dtype, device: torch.device) -> bool:
@@ -294,7 +412,7 @@ def _use_mapping(mmap: bool | None, headers: Headers, dtype: torch.dtype, device
     return reason is None
 
 
-def _allocate_parameters(model: torch.nn.Module, dtype: torch.dtype, device) -> None:
+def _allocate_parameters(model: nn.Module, dtype: torch.dtype, device) -> None:
     """Give every (meta) parameter real, uninitialised storage of `dtype` on `device`.
     (Not `.to(dtype).to_empty()`: those dispatch through meta-tensor Python refs, whose first
     use imports sympy and friends, a noticeable share of a small model's load time.)"""
@@ -305,7 +423,7 @@ def _allocate_parameters(model: torch.nn.Module, dtype: torch.dtype, device) -> 
 
 
 def save_checkpoint(
-    model: Idefics2,
+    model: nn.Module,
     path: str | Path,
     max_shard_bytes: int | None = None,
     dtype: torch.dtype | None = None,

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .backends.cpu import use_cpu_linears
 from .cache import KVCache
 from .config import Idefics2Config
 from .connector import Connector
 from .generation import GenerationDefaults, generate
-from .layers import Linear, prepare_for_compile
+from .loading import load_weights
 from .loss import IGNORE_INDEX, cross_entropy, shift_labels
 from .packing import PackedImages, pack_images, pack_padded
 from .text import TextDecoder
@@ -49,24 +50,45 @@ class Idefics2(nn.Module):
         self.vision = VisionTransformer(config.vision)
         self.connector = Connector(config)
         self.text = TextDecoder(config.text)
-        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.text.embed_tokens.weight
         # How the vision tower runs images of different sizes (see get_image_features).
         self.image_layout = "auto"
         # Stop tokens and banned tokens for generate (replaced by generation_config.json on load).
         self.generation_defaults = GenerationDefaults.for_config(config)
-        # The decode step's tensor work compiled by `compile_decode` (None: eager).
-        self._compiled_decode_logits = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", **kwargs):
-        """Load an official-layout checkpoint folder (see loading.py). Parameters come back
-        frozen (requires_grad=False) for inference; `model.requires_grad_(True)` to train."""
-        from .loading import load_model  # noqa: PLC0415  (loading imports this module)
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        *,
+        mmap: bool | None = None,
+        progress=None,
+        backends: bool = True,
+    ) -> Idefics2:
+        """Load an official-layout checkpoint folder: config.json, the safetensors weights
+        (mapped or copied, strictly checked: see `loading.load_weights` for `mmap` and
+        `progress`), generation_config.json. Parameters come back frozen (requires_grad=False)
+        for inference; `model.requires_grad_(True)` to train.
 
-        return load_model(path, dtype=dtype, device=device, **kwargs)
+        `backends=True` applies the inference speed-ups of idefics2_mini/backends (fused
+        projections, CPU linears); they step aside whenever a gradient is wanted. False gives
+        the plain model."""
+        path = Path(path)
+        config = Idefics2Config.from_pretrained(path)
+        with torch.device("meta"):  # no memory and no init: every parameter comes from the file
+            model = cls(config)
+        load_weights(model, path, dtype, device, progress=progress, mmap=mmap, fuse=backends)
+        # Non-persistent buffers (RoPE frequencies) are recomputed, not loaded.
+        model.text.rotary = type(model.text.rotary)(config.text.head_dim, config.text.rope_theta).to(device)
+        model.generation_defaults = GenerationDefaults.from_pretrained(path, config)
+        if backends:
+            use_cpu_linears(model)
+        return model.eval()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -223,56 +245,21 @@ class Idefics2(nn.Module):
         be a device sync per token) and image splicing (a generated <image> is just a token)."""
         positions = cache.begin_step(1)
         cos, sin = self.text.rotary(positions, cache.num_tokens + 1, self.dtype)
-        logits = (self._compiled_decode_logits or self._decode_logits)(token_ids, cos, sin, cache)
+        logits = self.decode_logits(token_ids, cos, sin, cache)
         cache.end_step()
         return logits
 
-    def _decode_logits(self, token_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache):
+    def decode_logits(self, token_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache):
         """The tensor work of a decode step, between the cache's begin_step and end_step:
         token_ids [B, 1], cos/sin [B, 1, 1, D] -> logits [B, vocab]. It reads no host-side
-        counters (the cache keeps the step's slot in tensors), so it compiles to one graph."""
+        counters (the cache keeps the step's slot in tensors), so it compiles to one graph
+        (backends/compiled.py)."""
         hidden = self.text.run_layers(self.text.embed_tokens(token_ids), cos, sin, None, cache)
         return self.lm_head(hidden[:, -1])
-
-    def compile_decode(self, **compile_options) -> Idefics2:
-        """Run the decode step's tensor work through `torch.compile` (Inductor), as gpt-fast's
-        `--compile` does: per token, one compiled graph instead of ~30 eager ops per layer, which
-        is what decode costs when the model is small. Opt-in, because the first step of each
-        new (batch size, cache length, dtype, device) compiles, ~10-30 s on a CPU (a C++
-        compiler is needed there); results equal eager decode's up to float rounding order.
-
-        `compile_options` go to torch.compile (e.g. mode="max-autotune-no-cudagraphs").
-        Moving or converting the model (`.to()`) or re-fusing drops the compiled step; call this
-        again afterwards. `compile_decode(enable=False)` goes back to eager."""
-        if compile_options.pop("enable", True):
-            prepare_for_compile()
-            compile_options.setdefault("fullgraph", True)
-            self._compiled_decode_logits = torch.compile(self._decode_logits, **compile_options)
-        else:
-            self._compiled_decode_logits = None
-        return self
-
-    def _apply(self, fn, *args, **kwargs):
-        # A compiled decode step was traced against the parameters as they were (their fusion
-        # included): moving or converting them makes it stale.
-        self._compiled_decode_logits = None
-        return super()._apply(fn, *args, **kwargs)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, **options):
         """-> LongTensor [B, T + new]; see `idefics2_mini.generation.generate` for the options."""
         return generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask, **options)
-
-    def fuse_projections(self, mode: str = "copy") -> Idefics2:
-        """Serve q/k/v (and the perceiver's k/v) and every SwiGLU's gate/up with one matrix each
-        (the separate parameters become views of it; names unchanged). `mode` is
-        `layers.fuse_linears`'s: "copy" (default) fuses the current values; `from_pretrained`
-        uses "empty" before copying the checkpoint in, or "mapped" when the parameters are
-        views of the memory-mapped checkpoint. Redo it after moving or converting the model."""
-        self._compiled_decode_logits = None  # traced against the old fusion
-        for module in self.modules():
-            if hasattr(module, "fuse") and module is not self:
-                module.fuse(mode)
-        return self
 
     def new_cache(self, batch_size: int, max_tokens: int) -> KVCache:
         """An empty KV cache for `batch_size` rows and at most `max_tokens` tokens per row."""

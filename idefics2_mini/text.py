@@ -13,7 +13,7 @@ import kernels
 
 from .cache import KVCache
 from .config import TextConfig
-from .layers import FusedProjections, Linear, RMSNorm, SwiGLU, embedding, fuse_linears
+from .layers import RMSNorm, SwiGLU, embedding
 
 
 class RotaryEmbedding(nn.Module):
@@ -73,14 +73,10 @@ class TextAttention(nn.Module):
         self.head_dim = config.head_dim
         self.sliding_window = config.sliding_window
         width = config.hidden_size
-        self.q_proj = Linear(width, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.num_heads * self.head_dim, width, bias=False)
-        self.fused_qkv: FusedProjections | None = None
-
-    def fuse(self, mode: str = "copy") -> None:
-        self.fused_qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj], mode)
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
 
     def forward(
         self,
@@ -92,18 +88,11 @@ class TextAttention(nn.Module):
     ) -> torch.Tensor:
         """x [B, T, C]; cos/sin [B, T, 1, D]; token_mask [B, T] bool (None = no padding) -> [B, T, C]."""
         batch, length, _ = x.shape
-        # q and k are rotated together, [B, T, Hq + Hkv, D]: out of the fused matmul they are
-        # already side by side in each row (a view), else they are concatenated.
-        if self.fused_qkv is not None and self.fused_qkv.current():
-            qkv = self.fused_qkv.output(x)
-            qk, v = qkv.split([qkv.shape[-1] - self.v_proj.out_features, self.v_proj.out_features], dim=-1)
-        else:
-            qk = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1)
-            v = self.v_proj(x)
-        qk = apply_rotary(qk.view(batch, length, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
-        q = qk[:, :, : self.num_heads].transpose(1, 2)  # [B, Hq, T, D]
-        k = qk[:, :, self.num_heads :].transpose(1, 2)  # [B, Hkv, T, D]
+        q, k, v = self.project_qkv(x)
+        q = apply_rotary(q.view(batch, length, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rotary(k.view(batch, length, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # q [B, Hq, T, D]; k, v [B, Hkv, T, D]
         scale = self.head_dim**-0.5
 
         if cache is not None and cache.decoding:
@@ -128,6 +117,11 @@ class TextAttention(nn.Module):
             if cache is not None:
                 cache.write(self.layer_index, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, C] -> q [B, T, Hq*D], k, v [B, T, Hkv*D]; one method so that a backend can
+        serve the three with one matmul (backends/fusion.py)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 class TextDecoderLayer(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 import kernels
 
 from .config import VisionConfig
-from .layers import FusedProjections, Linear, embedding, fuse_linears, linear, project
+from .layers import embedding
 from .packing import PackedImages
 
 
@@ -79,7 +79,7 @@ class VisionEmbeddings(nn.Module):
         """Packed patches [P, 3, p, p] -> [P, C]. The conv with stride = kernel is a linear map
         of each flattened patch; position ids come from each image's own grid."""
         weight = self.patch_embedding.weight
-        embeddings = linear(packed.patches.flatten(1), weight.flatten(1), self.patch_embedding.bias)
+        embeddings = F.linear(packed.patches.flatten(1), weight.flatten(1), self.patch_embedding.bias)
         ids_by_grid: dict[tuple[int, int], torch.Tensor] = {}
         position_ids = []
         for rows, cols in packed.grid_sizes.tolist():
@@ -97,21 +97,17 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.q_proj = Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = Linear(config.hidden_size, config.hidden_size)
-        self.out_proj = Linear(config.hidden_size, config.hidden_size)
-        self.fused_qkv: FusedProjections | None = None
-
-    def fuse(self, mode: str = "copy") -> None:
-        self.fused_qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj], mode)
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, packed: PackedImages | None = None
     ) -> torch.Tensor:
         """Padded: x [N, L, C], key_padding_mask [N, L] bool (True = real patch) -> [N, L, C].
         Packed: x [P, C] with `packed` giving each image's length -> [P, C]."""
-        q, k, v = project(self.fused_qkv, [self.q_proj, self.k_proj, self.v_proj], x)
+        q, k, v = self.project_qkv(x)
         if packed is not None:
             heads_shape = (x.shape[0], self.num_heads, self.head_dim)
             cu_seqlens = packed.cu_seqlens()
@@ -129,12 +125,17 @@ class VisionAttention(nn.Module):
         out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=self.head_dim**-0.5)
         return self.out_proj(out.transpose(1, 2).reshape(num_images, length, width))
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., C] -> q, k, v [..., C]; one method so that a backend can serve the three with
+        one matmul (backends/fusion.py)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
 
 class VisionMLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

@@ -24,13 +24,6 @@ from ._triton import online_softmax_step, tl, to_dtype, triton
 from .dispatch import use_triton
 
 
-# Under torch.compile, decode attention is written as plain math while one kv head's cache holds
-# at most this many elements (keys x head dim: 128 x 32, 32 x 128; 16 KB of fp32 keys), else it
-# stays SDPA: at the 8B head size (128) SDPA's blocked kernel is 1.1-2x faster from 128 keys on
-# (both compiled forms side by side: benchmarks/decode_ops.py, results/<machine>/decode_ops.md).
-COMPILED_MATH_MAX_KV_ELEMENTS = 64 * 64
-
-
 def attention_decode_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -54,23 +47,39 @@ def attention_decode_reference(
     # against that kv head's keys, so K/V are used as they are (no repeat). One fused SDPA call
     # keeps the per-step cost of this reference small on CPU, where decode is overhead-bound.
     q_grouped = q.view(batch, kv_heads, group, head_dim)
-    if torch.compiler.is_compiling() and slots * head_dim <= COMPILED_MATH_MAX_KV_ELEMENTS:
-        # Inside a compiled decode step (Idefics2.compile_decode), for a small cache, the same
-        # math written out: Inductor fuses it with the neighbouring ops into its loops, where
-        # SDPA would stay an opaque call (~20-45 us each for a few dozen keys, 4 per step of the
-        # tiny model). For a bigger cache SDPA's blocked kernel wins.
-        scale = head_dim**-0.5 if scale is None else scale
-        # fp32 scores and sums whatever the cache dtype, as SDPA's CPU kernels accumulate.
-        keys, values = k_cache.float()[:, :, None], v_cache.float()[:, :, None]  # [B, Hkv, 1, S, D]
-        scores = (q_grouped.float()[:, :, :, None, :] * keys).sum(-1) * scale  # [B, Hkv, G, S]
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        out = (scores.softmax(dim=-1)[..., None] * values).sum(-2)  # [B, Hkv, G, D]
-        return out.nan_to_num(0.0).to(q.dtype).view(batch, q_heads, head_dim)
     out = torch.nn.functional.scaled_dot_product_attention(
         q_grouped, k_cache, v_cache, attn_mask=valid[:, None, None, :], scale=scale
     )
     # A sequence with no valid slot: SDPA gives zeros or NaN depending on the backend; make it zeros.
     return out.nan_to_num_(0.0).view(batch, q_heads, head_dim)
+
+
+def attention_decode_math(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The reference's contract and result, written out as elementwise math, reductions and a
+    softmax instead of one SDPA call: what `attention_decode` runs inside a compiled decode step
+    for a small cache, where Inductor fuses it with the neighbouring ops into its loops (SDPA
+    would stay an opaque call, ~20-45 us each for a few dozen keys)."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
+    valid = torch.arange(slots, device=q.device)[None, :] < cache_seqlens.to(q.device)[:, None]
+    if key_mask is not None:
+        valid = valid & key_mask.to(torch.bool)
+    scale = head_dim**-0.5 if scale is None else scale
+    q_grouped = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)
+    # fp32 scores and sums whatever the cache dtype, as SDPA's CPU kernels accumulate.
+    keys, values = k_cache.float()[:, :, None], v_cache.float()[:, :, None]  # [B, Hkv, 1, S, D]
+    scores = (q_grouped.float()[:, :, :, None, :] * keys).sum(-1) * scale  # [B, Hkv, G, S]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = (scores.softmax(dim=-1)[..., None] * values).sum(-2)  # [B, Hkv, G, D]
+    return out.nan_to_num(0.0).to(q.dtype).view(batch, q_heads, head_dim)
 
 
 
@@ -267,8 +276,16 @@ def _triton_ok(q, k_cache, v_cache) -> bool:
     return use_triton(q)
 
 
+# Inside torch.compile, `attention_decode` runs the math form while one kv head's cache holds at
+# most this many elements (keys x head dim: 128 x 32, 32 x 128; 16 KB of fp32 keys), else SDPA:
+# at the 8B head size (128) SDPA's blocked kernel is 1.1-2x faster from 128 keys on (both
+# compiled forms side by side: benchmarks/decode_ops.py, results/<machine>/decode_ops.md).
+COMPILED_MATH_MAX_KV_ELEMENTS = 64 * 64
+
+
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, key_mask=None, scale=None):
-    """Dispatching decode attention (same signature and result as the reference).
+    """Dispatching decode attention (same signature and result as the reference): Triton (see
+    dispatch.py), else the reference, or inside torch.compile for a small cache its math form.
 
     q: [B, Hq, D]; k_cache, v_cache: [B, Hkv, S, D]; cache_seqlens: [B]; key_mask: [B, S]
     bool -> [B, Hq, D].
@@ -276,4 +293,6 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, key_mask=None, scale
     if _triton_ok(q, k_cache, v_cache):
         _triton.check_runnable(q)
         return attention_decode_fwd_op(q, k_cache, v_cache, cache_seqlens, key_mask, scale)
+    if torch.compiler.is_compiling() and k_cache.shape[2] * q.shape[-1] <= COMPILED_MATH_MAX_KV_ELEMENTS:
+        return attention_decode_math(q, k_cache, v_cache, cache_seqlens, key_mask=key_mask, scale=scale)
     return attention_decode_reference(q, k_cache, v_cache, cache_seqlens, key_mask=key_mask, scale=scale)

@@ -44,9 +44,9 @@ def test_e2e_benchmark_quick_run(tmp_path):
 
 
 def test_linear_backends_benchmark_quick_run(tmp_path):
-    from idefics2_mini import layers  # noqa: PLC0415
+    from idefics2_mini.backends import cpu  # noqa: PLC0415
 
-    if not layers.ONEDNN_LINEAR:
+    if not cpu.ONEDNN_LINEAR:
         return
     process = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "linear_backends.py"), "--quick", "--out", str(tmp_path)],

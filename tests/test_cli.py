@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import idefics2_mini as im
-from idefics2_mini import cli, demo
+from idefics2_mini import backends, cli, demo
 from idefics2_mini.processor import Idefics2Processor, render_chat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,8 +121,8 @@ def test_compile_flag_compiles_the_decode_step_and_answers_the_same(demo_dir, mo
     from torch._dynamo.testing import CompileCounter  # noqa: PLC0415
 
     counter = CompileCounter()  # stands in for Inductor (seconds of C++ compiling; tested elsewhere)
-    compile_decode = im.Idefics2.compile_decode
-    monkeypatch.setattr(im.Idefics2, "compile_decode", lambda model: compile_decode(model, backend=counter))
+    compile_decode = backends.compile_decode
+    monkeypatch.setattr(backends, "compile_decode", lambda model: compile_decode(model, backend=counter))
     args = ["--weights", str(demo_dir), "--max-new-tokens", "6", "--quiet", "Hi"]
     torch._dynamo.reset()
     try:

@@ -1,6 +1,6 @@
-"""`Idefics2.compile_decode`: the decode step as one torch.compile graph that is traced once
-(no recompiling per token: the cache keeps the step's slot in tensors) and generates what the
-eager step generates."""
+"""`compile_decode` (backends/compiled.py): the decode step as one torch.compile graph that is
+traced once (no recompiling per token: the cache keeps the step's slot in tensors) and generates
+what the eager step generates."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch._dynamo.testing import CompileCounter
 
 import idefics2_mini as im
 import kernels
+from idefics2_mini.backends import compile_decode, fuse_projections, is_compiled
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def generate_eager_then_counted(model, batch, new_tokens: int):
     """-> (eager tokens, compiled tokens, the counting backend), the model left compiled with it."""
     eager = model.generate(**batch, max_new_tokens=new_tokens, eos_token_id=[])
     counter = CompileCounter()
-    model.compile_decode(backend=counter)
+    compile_decode(model, backend=counter)
     return eager, model.generate(**batch, max_new_tokens=new_tokens, eos_token_id=[]), counter
 
 
@@ -71,7 +72,7 @@ def test_decode_step_is_traced_once_and_equals_eager(peaked_model):
             peaked_model.generate(**longer, max_new_tokens=8, eos_token_id=[])
         assert counter.frame_count == 1
     finally:
-        peaked_model.compile_decode(enable=False)
+        compile_decode(peaked_model, enable=False)
 
 
 def test_inductor_decode_matches_eager(peaked_model):
@@ -79,23 +80,28 @@ def test_inductor_decode_matches_eager(peaked_model):
     rounding order, so greedy tokens are the same."""
     batch = image_batch()
     eager_tokens, eager_logits = step_logits(peaked_model, batch, 12)
-    peaked_model.compile_decode()
+    compile_decode(peaked_model)
     try:
         tokens, logits = step_logits(peaked_model, batch, 12)
     finally:
-        peaked_model.compile_decode(enable=False)
+        compile_decode(peaked_model, enable=False)
     assert torch.equal(tokens, eager_tokens)
     assert (logits - eager_logits).abs().max() <= 1e-4
 
 
 def test_moving_the_model_drops_the_compiled_step(peaked_model):
-    peaked_model.compile_decode(backend=CompileCounter())
-    assert peaked_model._compiled_decode_logits is not None
-    peaked_model.to(torch.float32)  # any .to() may replace the parameters the graph was traced with
-    assert peaked_model._compiled_decode_logits is None
-    peaked_model.compile_decode(backend=CompileCounter())
-    peaked_model.fuse_projections()
-    assert peaked_model._compiled_decode_logits is None
+    """The graph took the fused projections as they were when traced: after the parameters
+    move (`.to()`) or are fused again, the next step drops it and runs eager, still right."""
+    batch = image_batch()
+    eager = peaked_model.generate(**batch, max_new_tokens=4, eos_token_id=[])
+    for change in (lambda model: model.to(torch.float64).to(torch.float32), fuse_projections):
+        compile_decode(peaked_model, backend=CompileCounter())
+        assert is_compiled(peaked_model)
+        assert torch.equal(peaked_model.generate(**batch, max_new_tokens=4, eos_token_id=[]), eager)
+        assert is_compiled(peaked_model)
+        change(peaked_model)  # new parameter tensors: the traced fusion is stale
+        assert torch.equal(peaked_model.generate(**batch, max_new_tokens=4, eos_token_id=[]), eager)
+        assert not is_compiled(peaked_model)
 
 
 def test_traces_through_the_triton_kernels(peaked_model, monkeypatch):
@@ -106,7 +112,7 @@ def test_traces_through_the_triton_kernels(peaked_model, monkeypatch):
     try:
         eager, compiled, counter = generate_eager_then_counted(peaked_model, image_batch(), 5)
     finally:
-        peaked_model.compile_decode(enable=False)
+        compile_decode(peaked_model, enable=False)
     assert counter.frame_count == 1
     assert torch.equal(compiled, eager)
 
@@ -120,9 +126,9 @@ def test_importing_the_package_does_not_import_the_compiler():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_decode_attention_equals_the_eager_reference(dtype):
-    """Under torch.compile the decode attention reference is written out as plain math (which
-    Inductor fuses) instead of SDPA: same result, GQA, masked slots and a row that sees no key
-    (zeros) included."""
+    """Under torch.compile, for a small cache, decode attention runs as plain math (which
+    Inductor fuses) instead of SDPA: the reference's result, GQA, masked slots and a row that
+    sees no key (zeros) included."""
     g = torch.Generator().manual_seed(5)
     batch, q_heads, kv_heads, slots, head_dim = 3, 8, 2, 37, 32
     q = torch.randn(batch, q_heads, head_dim, generator=g).to(dtype)
@@ -130,7 +136,7 @@ def test_compiled_decode_attention_equals_the_eager_reference(dtype):
     v = torch.randn(batch, kv_heads, slots, head_dim, generator=g).to(dtype)
     seqlens = torch.tensor([slots, 20, 0], dtype=torch.int32)  # the last row sees nothing
     key_mask = torch.rand(batch, slots, generator=g) > 0.3
-    compiled = torch.compile(kernels.attention_decode_reference, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(kernels.attention_decode, backend="aot_eager", fullgraph=True)
     for mask in (None, key_mask):
         eager = kernels.attention_decode_reference(q, k, v, seqlens, key_mask=mask, scale=0.2)
         got = compiled(q, k, v, seqlens, key_mask=mask, scale=0.2)

@@ -159,23 +159,3 @@ def test_stream_text_pieces_join_to_the_answer(peaked_pair):
     out = ours.generate(**batch, max_new_tokens=15, eos_token_id=[])
     assert "".join(pieces) == tokenizer.decode(out[0, 4:].tolist(), skip_special_tokens=True)
     assert len(pieces) > 1
-
-
-@pytest.mark.parametrize("batch,vocab", [(1, 32003), (8, 32003), (3, 129), (2, 256), (2, 100)])
-def test_greedy_argmax_is_argmax(batch, vocab):
-    """The two-level argmax of greedy decoding gives torch.argmax's answer, ties (first
-    maximum), NaN (counts as the maximum), -inf rows and the padded last chunk included."""
-    from idefics2_mini.generation import greedy_argmax
-
-    generator = torch.Generator().manual_seed(vocab + batch)
-    logits = torch.randn(batch, vocab, generator=generator)
-    cases = [logits, logits.round(), torch.zeros(batch, vocab), torch.full((batch, vocab), float("-inf"))]
-    last = logits.clone()
-    last[:, -1] = 50.0  # the maximum in the padded last chunk
-    tied = logits.clone()
-    tied[:, [3, vocab // 2, vocab - 1]] = 60.0
-    nan = logits.clone()
-    nan[0, [vocab // 3, vocab - 2]] = float("nan")
-    cases += [last, tied, nan, logits[:, : vocab - 1]]  # a non-contiguous view too
-    for case in cases:
-        assert torch.equal(greedy_argmax(case), case.argmax(-1))
