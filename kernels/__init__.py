@@ -2,7 +2,10 @@
 the dispatching function the model calls (see dispatch.py for the rule)."""
 
 from .attention_decode import attention_decode, attention_decode_reference, attention_decode_triton
+from .attention_backward import attention_backward_triton, attention_varlen_backward_triton
 from .attention_prefill import (
+    AttentionFunction,
+    AttentionVarlenFunction,
     attention,
     attention_reference,
     attention_triton,
@@ -15,15 +18,19 @@ from .dispatch import KERNELS_ENV, kernel_mode, triton_available, use_triton
 from .rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 
 __all__ = [
+    "AttentionFunction",
+    "AttentionVarlenFunction",
     "KERNELS_ENV",
     "RMSNormFunction",
     "attention",
+    "attention_backward_triton",
     "attention_decode",
     "attention_decode_reference",
     "attention_decode_triton",
     "attention_reference",
     "attention_triton",
     "attention_varlen",
+    "attention_varlen_backward_triton",
     "attention_varlen_reference",
     "attention_varlen_triton",
     "kernel_mode",

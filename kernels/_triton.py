@@ -95,8 +95,102 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p_lo, v, input_precision=DOT_PRECISION)
         return m_new, l_i, acc
 
+    @triton.jit
+    def dot_operand(x, dtype: tl.constexpr, UPCAST_BF16: tl.constexpr, FIX_BF16: tl.constexpr):
+        """Round an fp32 block to `dtype` (the inputs' dtype) so the next tl.dot runs on tensor
+        cores in 16 bit, as the GPU does; in the interpreter a bf16 block is then widened back
+        to fp32 (exactly), since the interpreter cannot multiply bf16 (see above)."""
+        x = to_dtype(x, dtype, FIX_BF16)
+        if UPCAST_BF16:
+            x = x.to(tl.float32)
+        return x
+
+    # -----------------------------------------------------------------------------------------
+    # Masking rules of prefill attention, shared by its forward and backward kernels
+    # (kernels/attention_prefill.py states the rules).
+    # -----------------------------------------------------------------------------------------
+
+    @triton.jit
+    def sequence_rows(b, cu_ptr, padded_len, VARLEN: tl.constexpr):
+        """(first row as int64, row count) of sequence b along one axis: from the cumulative
+        lengths cu [B + 1] in the packed layout, else rows [0, padded_len) of batch entry b."""
+        if VARLEN:
+            first = tl.load(cu_ptr + b)
+            count = tl.load(cu_ptr + b + 1) - first
+            first = first.to(tl.int64)
+        else:
+            first = 0
+            count = padded_len
+        return first, count
+
+    @triton.jit
+    def key_block_range(start_m, q_len, k_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Keys worth visiting for query rows [start_m, start_m + BLOCK_M) of one sequence.
+
+        Returns (lo, hi, full_lo, full_hi): [lo, hi) holds every key visible to some row (lo is
+        a multiple of BLOCK_N, so key blocks stay aligned) and [full_lo, full_hi) the keys
+        visible to every row, where a key block needs no positional mask.
+        """
+        # Causal alignment: query i sits at key position i + (Lk - Lq).
+        first_pos = start_m + (k_len - q_len)
+        last_pos = tl.minimum(start_m + BLOCK_M, q_len) - 1 + (k_len - q_len)
+        lo = 0
+        hi = k_len
+        full_lo = 0
+        full_hi = k_len
+        if CAUSAL:
+            hi = tl.minimum(k_len, last_pos + 1)
+            full_hi = tl.minimum(k_len, first_pos + 1)
+            if HAS_WINDOW:
+                lo = tl.maximum(0, first_pos - window + 1)
+                lo = (lo // BLOCK_N) * BLOCK_N
+                full_lo = last_pos - window + 1
+        return lo, hi, full_lo, full_hi
+
+    @triton.jit
+    def query_block_range(start_n, q_len, k_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The mirror of `key_block_range`: queries worth visiting for keys
+        [start_n, start_n + BLOCK_N) of one sequence.
+
+        Returns (lo, hi, full_lo, full_hi): [lo, hi) holds every query row that sees some key of
+        the block (lo a multiple of BLOCK_M) and [full_lo, full_hi) the rows that see all of
+        them (the key block is assumed complete; the caller masks a partial last block).
+        """
+        offset = k_len - q_len  # query i sits at key position i + offset
+        lo = 0
+        hi = q_len
+        full_lo = 0
+        full_hi = q_len
+        if CAUSAL:
+            # Query i sees key j only if j <= i + offset: rows before the block's first key see none.
+            lo = tl.maximum(0, start_n - offset)
+            lo = (lo // BLOCK_M) * BLOCK_M
+            full_lo = start_n + BLOCK_N - 1 - offset
+            if HAS_WINDOW:
+                # ... and only if j > i + offset - window: rows a window past the last key see none.
+                last_key = tl.minimum(start_n + BLOCK_N, k_len) - 1
+                hi = tl.minimum(q_len, last_key + window - offset)
+                full_hi = tl.minimum(q_len, start_n + window - offset)
+        return lo, hi, full_lo, full_hi
+
+    @triton.jit
+    def visible(q_pos, k_pos, in_range, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+        """Bool block: the key at k_pos is visible from the query at q_pos (both broadcast to
+        the block's shape, positions on the key axis); in_range marks real rows and keys."""
+        seen = in_range
+        if CAUSAL:
+            seen = seen & (k_pos <= q_pos)
+        if HAS_WINDOW:
+            seen = seen & (k_pos > q_pos - window)
+        return seen
+
 else:
-    to_dtype = online_softmax_step = None
+    to_dtype = online_softmax_step = dot_operand = None
+    sequence_rows = key_block_range = query_block_range = visible = None
+
+LOG2_E = 1.4426950408889634
 
 
 def available() -> bool:

@@ -13,9 +13,15 @@ Masking rules shared by both:
 - a query that sees no key at all (e.g. a left-padding query) outputs zeros, never NaN.
 
 The Triton kernel `_attention_fwd_kernel` serves both layouts (strides + optional cumulative
-lengths); its launcher is registered as the torch custom ops `idefics2_mini::attention_fwd` and
-`idefics2_mini::attention_varlen_fwd` (opaque to torch.compile). It is forward-only: when a
-gradient is needed the dispatching functions use the reference (which autograd differentiates).
+lengths). Its backward (dq, dk, dv; FlashAttention-2's three kernels) is in
+kernels/attention_backward.py. Both are registered as torch custom ops (opaque to torch.compile):
+- inference: `idefics2_mini::attention_fwd` / `attention_varlen_fwd` (the output only);
+- training: `idefics2_mini::attention_fwd_lse` / `attention_varlen_fwd_lse` also return each
+  row's log-sum-exp, which `idefics2_mini::attention_bwd` / `attention_varlen_bwd` consume;
+  `AttentionFunction` / `AttentionVarlenFunction` (torch.autograd.Function) tie them together.
+The dispatching functions `attention` / `attention_varlen` take the Triton path when
+`use_triton(q)` says so (see dispatch.py): the training pair when q, k or v needs a gradient,
+else the inference op; otherwise the torch reference.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton
-from ._triton import online_softmax_step, tl, to_dtype, triton
+from ._triton import (LOG2_E, key_block_range, online_softmax_step, sequence_rows, tl, to_dtype,
+                      triton, visible)
+from .attention_backward import attention_backward_triton, attention_varlen_backward_triton
 from .dispatch import use_triton
 
 
@@ -140,7 +148,7 @@ def attention_varlen_reference(
 # that is the "online softmax". Scores are pre-multiplied by log2(e) so the kernel can use
 # exp2 (one instruction on the GPU).
 #
-# Masking is done per block: the launcher-independent key range [lo, hi) already skips blocks
+# Masking is done per block: the key range [lo, hi) (`key_block_range`) already skips blocks
 # that are fully masked by causality or the sliding window, and inside that range the
 # positional mask is only built for boundary blocks (a block fully visible to every row of
 # the query block skips it).
@@ -150,60 +158,49 @@ def attention_varlen_reference(
 # to q·k, and the padded output columns are never stored.
 #
 # GQA: query head h reads kv head h // group through the strides: K/V are never copied.
+#
+# Training: with STORE_LSE the kernel also writes each row's log-sum-exp, m + log2(l) (base 2,
+# in units of the scaled scores), which is all the backward needs to rebuild the softmax
+# probabilities block by block (kernels/attention_backward.py). Inference launches leave the
+# flag off: no extra store, no extra buffer.
 # ---------------------------------------------------------------------------------------------
-
-LOG2_E = 1.4426950408889634
 
 if triton is not None:
 
     @triton.jit
     def _attention_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr,
-        sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, skpm_b,
+        q_ptr, k_ptr, v_ptr, o_ptr, kpm_ptr, cu_q_ptr, cu_k_ptr, lse_ptr,
+        sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, skpm_b, slse_b, slse_h,
         q_len_padded, k_len_padded, n_q_heads, group, head_dim, qk_scale, window,
         VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
-        FIX_BF16: tl.constexpr,
+        FIX_BF16: tl.constexpr, STORE_LSE: tl.constexpr = False,
     ):
-        """Padded: q/o [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], kpm [B, Lk] uint8 (1 = real key).
-        Varlen: q/o [Tq, Hq, D], k/v [Tk, Hkv, D], cu_q/cu_k [B + 1] int32 (batch strides 0).
-        Grid: (cdiv(max query length, BLOCK_M), B * Hq)."""
+        """Padded: q/o [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], kpm [B, Lk] uint8 (1 = real key),
+        lse [B, Hq, Lq] fp32. Varlen: q/o [Tq, Hq, D], k/v [Tk, Hkv, D], cu_q/cu_k [B + 1]
+        int32, lse [Hq, Tq] fp32 (batch strides 0). Grid: (cdiv(max query length, BLOCK_M), B * Hq)."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // n_q_heads
         h = pid_bh % n_q_heads
         kv_h = h // group
-        if VARLEN:
-            q_start = tl.load(cu_q_ptr + b)
-            q_len = tl.load(cu_q_ptr + b + 1) - q_start
-            k_start = tl.load(cu_k_ptr + b)
-            k_len = tl.load(cu_k_ptr + b + 1) - k_start
-            q_off = q_start.to(tl.int64) * sq_m
-            o_off = q_start.to(tl.int64) * so_m
-            k_off = k_start.to(tl.int64) * sk_n
-            v_off = k_start.to(tl.int64) * sv_n
-        else:
-            q_len = q_len_padded
-            k_len = k_len_padded
-            q_off = b.to(tl.int64) * sq_b
-            o_off = b.to(tl.int64) * so_b
-            k_off = b.to(tl.int64) * sk_b
-            v_off = b.to(tl.int64) * sv_b
+        q_start, q_len = sequence_rows(b, cu_q_ptr, q_len_padded, VARLEN)
+        k_start, k_len = sequence_rows(b, cu_k_ptr, k_len_padded, VARLEN)
         # Programs past the end of a short sequence (the grid covers the longest) do nothing.
         if pid_m * BLOCK_M >= q_len:
             return
-        q_base = q_ptr + q_off + h.to(tl.int64) * sq_h
-        o_base = o_ptr + o_off + h.to(tl.int64) * so_h
-        k_base = k_ptr + k_off + kv_h.to(tl.int64) * sk_h
-        v_base = v_ptr + v_off + kv_h.to(tl.int64) * sv_h
+        b64 = b.to(tl.int64)
+        q_base = q_ptr + b64 * sq_b + q_start * sq_m + h.to(tl.int64) * sq_h
+        o_base = o_ptr + b64 * so_b + q_start * so_m + h.to(tl.int64) * so_h
+        k_base = k_ptr + b64 * sk_b + k_start * sk_n + kv_h.to(tl.int64) * sk_h
+        v_base = v_ptr + b64 * sv_b + k_start * sv_n + kv_h.to(tl.int64) * sv_h
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_in = offs_d < head_dim
         row_in = offs_m < q_len
-        # Causal alignment: query i sits at key position i + (Lk - Lq).
         q_pos = offs_m + (k_len - q_len)
 
         q = tl.load(q_base + offs_m[:, None] * sq_m + offs_d[None, :],
@@ -211,22 +208,8 @@ if triton is not None:
         if UPCAST_BF16:
             q = q.to(tl.float32)
 
-        # Key range that can hold a visible key for some row of this block, and the sub-range
-        # [full_lo, full_hi) visible to every row (no positional mask needed there).
-        first_pos = pid_m * BLOCK_M + (k_len - q_len)
-        last_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + (k_len - q_len)
-        lo = 0
-        hi = k_len
-        full_lo = 0
-        full_hi = k_len
-        if CAUSAL:
-            hi = tl.minimum(k_len, last_pos + 1)
-            full_hi = tl.minimum(k_len, first_pos + 1)
-            if HAS_WINDOW:
-                lo = tl.maximum(0, first_pos - window + 1)
-                lo = (lo // BLOCK_N) * BLOCK_N
-                full_lo = last_pos - window + 1
-
+        lo, hi, full_lo, full_hi = key_block_range(pid_m * BLOCK_M, q_len, k_len, window, CAUSAL, HAS_WINDOW,
+                                                   BLOCK_M, BLOCK_N)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -240,14 +223,11 @@ if triton is not None:
                 kt = kt.to(tl.float32)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             if (start_n < full_lo) | (start_n + BLOCK_N > full_hi):
-                visible = key_in[None, :] & row_in[:, None]
-                if CAUSAL:
-                    visible = visible & (offs_kn[None, :] <= q_pos[:, None])
-                if HAS_WINDOW:
-                    visible = visible & (offs_kn[None, :] > q_pos[:, None] - window)
-                s = tl.where(visible, s, float("-inf"))
+                seen = visible(q_pos[:, None], offs_kn[None, :], row_in[:, None] & key_in[None, :],
+                               window, CAUSAL, HAS_WINDOW)
+                s = tl.where(seen, s, float("-inf"))
             if HAS_KPM:
-                real = tl.load(kpm_ptr + b.to(tl.int64) * skpm_b + offs_kn, mask=key_in, other=0)
+                real = tl.load(kpm_ptr + b64 * skpm_b + offs_kn, mask=key_in, other=0)
                 s = tl.where(real[None, :] != 0, s, float("-inf"))
             v = tl.load(v_base + offs_kn[:, None] * sv_n + offs_d[None, :],
                         mask=key_in[:, None] & d_in[None, :], other=0.0)
@@ -258,6 +238,12 @@ if triton is not None:
         out = acc / l_safe[:, None]
         tl.store(o_base + offs_m[:, None] * so_m + offs_d[None, :],
                  to_dtype(out, o_ptr.dtype.element_ty, FIX_BF16), mask=row_in[:, None] & d_in[None, :])
+        if STORE_LSE:
+            # +inf for a row that saw no key: the backward's exp2(s - lse) is then 0 for every
+            # key, so the row gets zero gradients instead of NaN.
+            lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_safe))
+            lse_base = lse_ptr + b64 * slse_b + q_start + h.to(tl.int64) * slse_h
+            tl.store(lse_base + offs_m, lse, mask=row_in)
 
 
 def _block_sizes(head_dim_padded: int, dtype: torch.dtype, device: torch.device):
@@ -278,7 +264,7 @@ def _block_sizes(head_dim_padded: int, dtype: torch.dtype, device: torch.device)
     return 128, 64, 8, 3
 
 
-def _launch(q, k, v, out, kpm, cu_q, cu_k, strides, q_len, k_len, grid_m, batch, *,
+def _launch(q, k, v, out, kpm, cu_q, cu_k, lse, strides, q_len, k_len, grid_m, batch, *,
             varlen, causal, window, scale, head_dim, block_m=None, block_n=None):
     q_heads = strides["q_heads"]
     group = q_heads // strides["kv_heads"]
@@ -288,12 +274,13 @@ def _launch(q, k, v, out, kpm, cu_q, cu_k, strides, q_len, k_len, grid_m, batch,
     scale = head_dim**-0.5 if scale is None else scale
     grid = (triton.cdiv(max(grid_m, 1), bm), batch * q_heads)
     _attention_fwd_kernel[grid](
-        q, k, v, out, kpm, cu_q, cu_k, *strides["values"],
+        q, k, v, out, kpm, cu_q, cu_k, q if lse is None else lse, *strides["values"],
         q_len, k_len, q_heads, group, head_dim, scale * LOG2_E, window or 0,
         VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window is not None,
         HAS_KPM=strides["has_kpm"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_BF16=_triton.upcast_bf16(q), FIX_BF16=_triton.interpreter_active(), num_warps=num_warps, num_stages=num_stages,
+        UPCAST_BF16=_triton.upcast_bf16(q), FIX_BF16=_triton.interpreter_active(),
+        STORE_LSE=lse is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -311,11 +298,13 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def attention_triton(q, k, v, *, causal=False, window=None, key_padding_mask=None, scale=None,
-                     block_m=None, block_n=None):
+                     block_m=None, block_n=None, return_lse=False):
     """Triton padded-layout attention; same contract as `attention_reference`.
 
     q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D] (any strides with unit stride on D, e.g. a
-    transposed [B, L, H, D] view); key_padding_mask: [B, Lk] bool. Returns [B, Hq, Lq, D].
+    transposed [B, L, H, D] view); key_padding_mask: [B, Lk] bool. Returns [B, Hq, Lq, D], or
+    with return_lse (training) (out, lse [B, Hq, Lq] fp32): each row's log2-sum-exp2 of its
+    scaled scores (scale * log2(e) * q·k), +inf for a row that sees no key.
     block_m / block_n override the block sizes (tests).
     """
     _check_masking(causal, window)
@@ -325,10 +314,12 @@ def attention_triton(q, k, v, *, causal=False, window=None, key_padding_mask=Non
         raise ValueError(f"query heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
-    if k_len == 0:
-        return out.zero_()
+    lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device) if return_lse else None
+    if out.numel() == 0 or k_len == 0:
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("inf"))
+        return (out, lse) if return_lse else out
     kpm = None
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(device=q.device, dtype=torch.bool).contiguous().view(torch.uint8)
@@ -336,22 +327,24 @@ def attention_triton(q, k, v, *, causal=False, window=None, key_padding_mask=Non
         "q_heads": q_heads, "kv_heads": kv_heads, "has_kpm": kpm is not None,
         "values": (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-                   out.stride(2), kpm.stride(0) if kpm is not None else 0),
+                   out.stride(2), kpm.stride(0) if kpm is not None else 0, q_heads * q_len, q_len),
     }
     # Unused pointer arguments get q (never dereferenced: their constexpr flag is off).
     kpm_arg = kpm if kpm is not None else q
-    return _launch(q, k, v, out, kpm_arg, q, q, strides, q_len, k_len, q_len, batch,
-                   varlen=False, causal=causal, window=window, scale=scale, head_dim=head_dim,
-                   block_m=block_m, block_n=block_n)
+    _launch(q, k, v, out, kpm_arg, q, q, lse, strides, q_len, k_len, q_len, batch,
+            varlen=False, causal=causal, window=window, scale=scale, head_dim=head_dim,
+            block_m=block_m, block_n=block_n)
+    return (out, lse) if return_lse else out
 
 
 def attention_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                             max_seqlen_k=None, causal=False, window=None, scale=None,
-                            block_m=None, block_n=None):
+                            block_m=None, block_n=None, return_lse=False):
     """Triton packed-layout attention; same contract as `attention_varlen_reference`.
 
     q: [Tq, Hq, D]; k, v: [Tk, Hkv, D]; cu_seqlens_q, cu_seqlens_k: [B + 1] int32.
     max_seqlen_q sizes the grid (computed from cu_seqlens_q, one device sync, when None).
+    Returns [Tq, Hq, D], or with return_lse (out, lse [Hq, Tq] fp32) as `attention_triton`.
     """
     _check_masking(causal, window)
     q_heads, head_dim = q.shape[1], q.shape[2]
@@ -361,8 +354,11 @@ def attention_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q
     batch = cu_seqlens_q.shape[0] - 1
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    # Rows outside every sequence are never visited: +inf gives them zero gradients.
+    lse = (torch.full((q_heads, q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
+           if return_lse else None)
     if out.numel() == 0 or batch <= 0:
-        return out
+        return (out, lse) if return_lse else out
     cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32).contiguous()
     if max_seqlen_q is None:
@@ -370,15 +366,22 @@ def attention_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q
     strides = {
         "q_heads": q_heads, "kv_heads": kv_heads, "has_kpm": False,
         "values": (0, q.stride(1), q.stride(0), 0, k.stride(1), k.stride(0),
-                   0, v.stride(1), v.stride(0), 0, out.stride(1), out.stride(0), 0),
+                   0, v.stride(1), v.stride(0), 0, out.stride(1), out.stride(0), 0, 0, q.shape[0]),
     }
-    return _launch(q, k, v, out, q, cu_q, cu_k, strides, 0, 0, max_seqlen_q, batch,
-                   varlen=True, causal=causal, window=window, scale=scale, head_dim=head_dim,
-                   block_m=block_m, block_n=block_n)
+    _launch(q, k, v, out, q, cu_q, cu_k, lse, strides, 0, 0, max_seqlen_q, batch,
+            varlen=True, causal=causal, window=window, scale=scale, head_dim=head_dim,
+            block_m=block_m, block_n=block_n)
+    return (out, lse) if return_lse else out
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops (so torch.compile sees one opaque call) and the dispatching functions
+# Custom ops (so torch.compile sees one opaque call each way), autograd, and the dispatching
+# functions.
+#
+# Inference calls `attention_fwd` / `attention_varlen_fwd` (no LSE written). When a gradient is
+# needed, `AttentionFunction` / `AttentionVarlenFunction` call the `*_fwd_lse` ops, save q, k,
+# v, the output and the LSE, and their backward calls `attention_bwd` / `attention_varlen_bwd`
+# (kernels/attention_backward.py). Masks and cumulative lengths get no gradient.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -414,25 +417,142 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, w
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("idefics2_mini::attention_fwd_lse", mutates_args=())
+def attention_fwd_lse_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: Optional[int],
+    key_padding_mask: Optional[torch.Tensor], scale: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training forward, padded: (out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32)."""
+    _triton.check_runnable(q)
+    return attention_triton(q, k, v, causal=causal, window=window, key_padding_mask=key_padding_mask,
+                            scale=scale, return_lse=True)
+
+
+@attention_fwd_lse_op.register_fake
+def _(q, k, v, causal, window, key_padding_mask, scale):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("idefics2_mini::attention_varlen_fwd_lse", mutates_args=())
+def attention_varlen_fwd_lse_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+    causal: bool, window: Optional[int], scale: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training forward, packed: (out [Tq, Hq, D], lse [Hq, Tq] fp32)."""
+    _triton.check_runnable(q)
+    return attention_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                   max_seqlen_k=max_seqlen_k, causal=causal, window=window,
+                                   scale=scale, return_lse=True)
+
+
+@attention_varlen_fwd_lse_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, scale):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("idefics2_mini::attention_bwd", mutates_args=())
+def attention_bwd_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, causal: bool, window: Optional[int], key_padding_mask: Optional[torch.Tensor],
+    scale: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward, padded: (dq [B, Hq, Lq, D], dk, dv [B, Hkv, Lk, D])."""
+    _triton.check_runnable(q)
+    return attention_backward_triton(grad_out, q, k, v, out, lse, causal=causal, window=window,
+                                     key_padding_mask=key_padding_mask, scale=scale)
+
+
+@attention_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, causal, window, key_padding_mask, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+@torch.library.custom_op("idefics2_mini::attention_varlen_bwd", mutates_args=())
+def attention_varlen_bwd_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], causal: bool, window: Optional[int],
+    scale: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward, packed: (dq [Tq, Hq, D], dk, dv [Tk, Hkv, D])."""
+    _triton.check_runnable(q)
+    return attention_varlen_backward_triton(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                            causal=causal, window=window, scale=scale)
+
+
+@attention_varlen_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+      window, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Autograd for the Triton padded-layout attention (gradients to q, k, v)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, window, key_padding_mask, scale):
+        out, lse = attention_fwd_lse_op(q, k, v, causal, window, key_padding_mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.causal, ctx.window, ctx.scale = causal, window, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = attention_bwd_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.window,
+                                      key_padding_mask, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+class AttentionVarlenFunction(torch.autograd.Function):
+    """Autograd for the Triton packed-layout attention (gradients to q, k, v)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, scale):
+        out, lse = attention_varlen_fwd_lse_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                               max_seqlen_k, causal, window, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
+        ctx.causal, ctx.window, ctx.scale = causal, window, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = attention_varlen_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                             ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal, ctx.window,
+                                             ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
 def _triton_ok(q, k, v) -> bool:
-    """The kernel covers fp16/bf16/fp32 forward with head dim <= 256; anything else (a
-    gradient needed, other dtypes) goes to the reference."""
+    """The kernels cover fp16/bf16/fp32 (forward and backward) with head dim <= 256; other
+    dtypes go to the reference."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if not (q.dtype == k.dtype == v.dtype) or q.shape[-1] > 256 or q.shape[-1] != v.shape[-1]:
         return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False
     return use_triton(q)
+
+
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def attention(q, k, v, *, causal=False, window=None, key_padding_mask=None, scale=None):
     """Dispatching padded-layout attention (same signature and result as `attention_reference`).
 
     q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D]; key_padding_mask: [B, Lk] bool. -> [B, Hq, Lq, D].
+    On the Triton path a needed gradient runs the Triton backward (`AttentionFunction`).
     """
     if _triton_ok(q, k, v):
         _triton.check_runnable(q)
+        if _needs_grad(q, k, v):
+            return AttentionFunction.apply(q, k, v, bool(causal), window, key_padding_mask, scale)
         return attention_fwd_op(q, k, v, bool(causal), window, key_padding_mask, scale)
     return attention_reference(
         q, k, v, causal=causal, window=window, key_padding_mask=key_padding_mask, scale=scale
@@ -446,9 +566,13 @@ def attention_varlen(
     """Dispatching packed-layout attention (same signature and result as the reference).
 
     q: [Tq, Hq, D]; k, v: [Tk, Hkv, D]; cu_seqlens_q, cu_seqlens_k: [B + 1] int32 -> [Tq, Hq, D].
+    On the Triton path a needed gradient runs the Triton backward (`AttentionVarlenFunction`).
     """
     if _triton_ok(q, k, v):
         _triton.check_runnable(q)
+        if _needs_grad(q, k, v):
+            return AttentionVarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                 max_seqlen_k, bool(causal), window, scale)
         return attention_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                        max_seqlen_k, bool(causal), window, scale)
     return attention_varlen_reference(

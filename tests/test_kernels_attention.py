@@ -1,5 +1,6 @@
-"""Triton prefill attention (padded and packed layouts) against the torch reference, on CPU in
-Triton's interpreter, on small shapes chosen to hit every masking branch.
+"""Triton prefill attention forward (padded and packed layouts) against the torch reference, on
+CPU in Triton's interpreter, on small shapes chosen to hit every masking branch (the backward:
+test_attention_backward.py).
 
 Tolerance rule (issue 5): the kernel's error against the fp32 reference is at most twice the
 error of the torch reference run in the same low precision (plus 1e-6); fp32 inputs: <= 1e-5.
@@ -179,12 +180,3 @@ def test_dispatch_env_on_cpu(monkeypatch, mode, expect_kernel):
     out = attention_varlen(qp, qp, qp, cu([17]), cu([17]))
     assert max_err(out, attention_varlen_reference(qp, qp, qp, cu([17]), cu([17]))) <= 1e-5
     assert calls == (["p", "v"] if expect_kernel else [])
-
-
-def test_gradient_requests_use_the_reference(monkeypatch):
-    """The attention kernels are forward-only: with a gradient needed, dispatch uses the
-    reference even when Triton is forced, so fine-tuning still works."""
-    monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
-    q = torch.randn(1, 2, 8, 16, requires_grad=True)
-    attention(q, q, q, causal=True).sum().backward()
-    assert q.grad is not None
