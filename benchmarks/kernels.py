@@ -16,6 +16,11 @@ achievable bandwidth. SDPA has no sliding window and no packed layout: for windo
 runs plain causal (more work; its TFLOP/s is counted on its own pairs), for packed images it
 runs equal-length images as a batch.
 
+The `train` rows time prefill attention forward + backward (dq, dk, dv), as a training step
+runs it, on the decoder, vision and perceiver shapes (CPU: the decoder shape, eager reference).
+Their TFLOP/s count 3.5x the forward's FLOPs, FlashAttention's convention (the backward's five
+matmuls against the forward's two; our separate dq kernel recomputes two more, not counted).
+
 On CPU, Triton kernels only run in the interpreter (orders of magnitude slower than anything
 real), so Triton timings need a GPU: the script says so and times only the torch references
 (eager and SDPA) on smaller shapes, finishing in a couple of minutes.
@@ -51,8 +56,10 @@ from benchmarks.gpu_peaks import lookup  # noqa: E402
 from kernels import _triton  # noqa: E402
 from kernels.attention_decode import attention_decode_reference, attention_decode_triton  # noqa: E402
 from kernels.attention_prefill import (  # noqa: E402
+    attention,
     attention_reference,
     attention_triton,
+    attention_varlen,
     attention_varlen_reference,
     attention_varlen_triton,
 )
@@ -261,6 +268,80 @@ def bench_perceiver(b: Bench):
             b.run("perceiver", shape, "eager", lambda: attention_varlen_reference(q, k, v, cq, ck), flops=flops)
 
 
+TRAIN_FLOPS_PER_FORWARD_FLOP = 3.5  # forward (1) + backward (2.5), FlashAttention's convention
+
+
+def forward_backward(fn, inputs):
+    """A closure running fn(*inputs) and its backward (dq, dk, dv) for a fixed random dO
+    (drawn at the first call, inside Bench.run, so a backend that fails is recorded, not fatal)."""
+    grad_out = []
+
+    def step():
+        out = fn(*inputs)
+        if not grad_out:
+            grad_out.append(torch.randn_like(out))
+        torch.autograd.grad(out, inputs, grad_out[0])
+
+    return step
+
+
+def bench_train(b: Bench):
+    """Prefill attention forward + backward, on leaves that require grad (LoRA fine-tuning)."""
+    dt = torch.bfloat16
+    seqs = [1024, 4096] if b.gpu else [256]
+    if b.quick:
+        seqs = seqs[:1]
+
+    def leaves(*shapes):
+        return [torch.randn(shape, device=b.device, dtype=dt, requires_grad=True) for shape in shapes]
+
+    # main() times everything under inference_mode; the backward needs autograd back.
+    with torch.inference_mode(False), torch.enable_grad():
+        for seq in seqs:
+            inputs = leaves((1, 32, seq, 128), (1, 8, seq, 128), (1, 8, seq, 128))
+            flops = TRAIN_FLOPS_PER_FORWARD_FLOP * 4 * 32 * 128 * visible_pairs(seq, seq, True, None)
+            shape = f"s{seq} 32/8h x128 causal fwd+bwd"
+            if b.gpu:
+                b.run("train", shape, "triton", forward_backward(lambda q, k, v: attention(q, k, v, causal=True), inputs),
+                      flops=flops)
+                for backend in ("flash", "mem"):
+                    b.run("train", shape, f"sdpa-{backend}",
+                          forward_backward(lambda q, k, v, backend=backend: sdpa_backend_fn(
+                              backend, q, k, v, is_causal=True, enable_gqa=True)(), inputs), flops=flops)
+            else:
+                b.run("train", shape, "eager",
+                      forward_backward(lambda q, k, v: attention_reference(q, k, v, causal=True), inputs), flops=flops)
+        if not b.gpu:
+            return  # the CPU sweep stays short: the decoder shape above is the reference
+
+        tokens = 4900  # one 980px image: 70x70 patches, 16 heads x 72, packed
+        inputs = leaves((tokens, 16, 72), (tokens, 16, 72), (tokens, 16, 72))
+        cu = torch.tensor([0, tokens], device=b.device, dtype=torch.int32)
+        flops = TRAIN_FLOPS_PER_FORWARD_FLOP * 4 * 16 * 72 * tokens * tokens
+        shape = f"1x{tokens} 16h x72 packed fwd+bwd"
+        b.run("train", shape, "triton", forward_backward(
+            lambda q, k, v: attention_varlen(q, k, v, cu, cu, max_seqlen_q=tokens, max_seqlen_k=tokens), inputs),
+            flops=flops)
+        for backend in ("flash", "mem"):
+            b.run("train", shape, f"sdpa-{backend}", forward_backward(
+                lambda q, k, v, backend=backend: sdpa_backend_fn(
+                    backend, *(t.view(1, tokens, 16, 72).transpose(1, 2) for t in (q, k, v)))(), inputs), flops=flops)
+
+        keys = 1000 + 64  # perceiver: 64 latents over (image features + latents), 16/4 heads x 96
+        inputs = leaves((64, 16, 96), (keys, 4, 96), (keys, 4, 96))
+        cq = torch.tensor([0, 64], device=b.device, dtype=torch.int32)
+        ck = torch.tensor([0, keys], device=b.device, dtype=torch.int32)
+        flops = TRAIN_FLOPS_PER_FORWARD_FLOP * 4 * 16 * 96 * 64 * keys
+        shape = f"1x64 q over {keys} k 16/4h x96 fwd+bwd"
+        b.run("train", shape, "triton", forward_backward(
+            lambda q, k, v: attention_varlen(q, k, v, cq, ck, max_seqlen_q=64, max_seqlen_k=keys), inputs), flops=flops)
+        for backend in ("flash", "mem"):
+            b.run("train", shape, f"sdpa-{backend}", forward_backward(
+                lambda q, k, v, backend=backend: sdpa_backend_fn(
+                    backend, q.view(1, 64, 16, 96).transpose(1, 2), k.view(1, keys, 4, 96).transpose(1, 2),
+                    v.view(1, keys, 4, 96).transpose(1, 2), enable_gqa=True)(), inputs), flops=flops)
+
+
 def bench_decode(b: Bench):
     dt = torch.bfloat16
     if b.gpu:
@@ -351,7 +432,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few shapes per kernel")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
-    parser.add_argument("--only", default=None, help="comma-separated subset: copy,rmsnorm,prefill,vision,perceiver,decode")
+    parser.add_argument("--only", default=None, help="comma-separated subset: copy,rmsnorm,prefill,vision,perceiver,decode,train")
     args = parser.parse_args(argv)
 
     gpu = torch.cuda.is_available() and _triton.available() and not _triton.interpreter_active()
@@ -372,7 +453,7 @@ def main(argv=None):
     bench = Bench(device, args.quick)
     print(f"device: {device_name}" + (f" (peak: {bench.peak})" if bench.peak else ""))
     steps = {"copy": bench_copy, "rmsnorm": bench_rmsnorm, "prefill": bench_prefill, "vision": bench_vision,
-             "perceiver": bench_perceiver, "decode": bench_decode}
+             "perceiver": bench_perceiver, "decode": bench_decode, "train": bench_train}
     wanted = args.only.split(",") if args.only else list(steps)
     with torch.inference_mode():
         for name in wanted:
