@@ -20,10 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-# Token ids fixed by the released tokenizer (tokenizer.model + three added tokens).
-FAKE_IMAGE_TOKEN_ID = 32000  # <fake_token_around_image>
-IMAGE_TOKEN_ID = 32001  # <image>
-END_OF_UTTERANCE_TOKEN_ID = 32002  # <end_of_utterance>
+from .tokens import BOS_TOKEN_ID, EOS_TOKEN_ID, IMAGE_TOKEN_ID, PAD_TOKEN_ID, VOCAB_SIZE
+
 
 
 class ConfigError(ValueError):
@@ -97,7 +95,7 @@ class PerceiverConfig:
 class TextConfig:
     """Mistral-7B-v0.1 decoder (plus 3 added token rows: vocab 32003)."""
 
-    vocab_size: int = 32003
+    vocab_size: int = VOCAB_SIZE
     hidden_size: int = 4096
     intermediate_size: int = 14336
     num_hidden_layers: int = 32
@@ -109,9 +107,9 @@ class TextConfig:
     rope_theta: float = 10000.0
     sliding_window: int | None = 4096
     hidden_act: str = "silu"
-    pad_token_id: int = 0
-    bos_token_id: int = 1
-    eos_token_id: int = 2
+    pad_token_id: int = PAD_TOKEN_ID
+    bos_token_id: int = BOS_TOKEN_ID
+    eos_token_id: int = EOS_TOKEN_ID
     tie_word_embeddings: bool = False
 
     def validate(self) -> None:

@@ -30,6 +30,7 @@ import torch
 
 from .config import Idefics2Config, PerceiverConfig, TextConfig, VisionConfig
 from .tokenizer import SHIPPED_TOKENIZER_MODEL
+from .tokens import BOS_TOKEN_ID, END_OF_UTTERANCE_TOKEN_ID, EOS_TOKEN_ID, FAKE_IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, PAD_TOKEN_ID
 
 WEIGHTS_DIR_ENV = "IDEFICS2_MINI_WEIGHTS_DIR"
 DEFAULT_WEIGHTS_ROOT = Path(__file__).resolve().parents[1] / "weights"
@@ -39,10 +40,10 @@ DEMO_SEED = 20240415  # fixed: the demo checkpoint is the same bytes on every ma
 
 # What the official generation_config.json says about stopping and banned tokens.
 DEMO_GENERATION_CONFIG = {
-    "bad_words_ids": [[32000], [32001]],  # <fake_token_around_image>, <image>: never generated
-    "bos_token_id": 1,
-    "eos_token_id": [2, 32002],  # </s>, <end_of_utterance>
-    "pad_token_id": 0,
+    "bad_words_ids": [[FAKE_IMAGE_TOKEN_ID], [IMAGE_TOKEN_ID]],  # never generated
+    "bos_token_id": BOS_TOKEN_ID,
+    "eos_token_id": [EOS_TOKEN_ID, END_OF_UTTERANCE_TOKEN_ID],
+    "pad_token_id": PAD_TOKEN_ID,
 }
 
 NOISE_NOTICE = (

@@ -20,17 +20,18 @@ from pathlib import Path
 import torch
 
 from .backends.cpu import greedy_argmax
-from .config import END_OF_UTTERANCE_TOKEN_ID, FAKE_IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, Idefics2Config
+from .config import Idefics2Config
+from .tokens import END_OF_UTTERANCE_TOKEN_ID, EOS_TOKEN_ID, FAKE_IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, PAD_TOKEN_ID
 
 
 @dataclass(frozen=True)
 class GenerationDefaults:
     """What a checkpoint's generation_config.json says about stopping and banned tokens."""
 
-    eos_token_ids: tuple[int, ...] = (2, END_OF_UTTERANCE_TOKEN_ID)  # </s>, <end_of_utterance>
+    eos_token_ids: tuple[int, ...] = (EOS_TOKEN_ID, END_OF_UTTERANCE_TOKEN_ID)
     # The image placeholders must never be generated (the official bad_words_ids).
     bad_words_ids: tuple[tuple[int, ...], ...] = ((FAKE_IMAGE_TOKEN_ID,), (IMAGE_TOKEN_ID,))
-    pad_token_id: int = 0
+    pad_token_id: int = PAD_TOKEN_ID
 
     @classmethod
     def for_config(cls, config: Idefics2Config) -> GenerationDefaults:

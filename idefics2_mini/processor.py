@@ -25,7 +25,8 @@ import torch
 
 from .image_processing import Idefics2ImageProcessor, ImageLike
 from .loss import IGNORE_INDEX
-from .tokenizer import END_OF_UTTERANCE_TOKEN, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Idefics2Tokenizer
+from .tokenizer import Idefics2Tokenizer
+from .tokens import END_OF_UTTERANCE_TOKEN, FAKE_IMAGE_TOKEN, IMAGE_TOKEN
 
 CHAT_ROLES = ("user", "assistant", "system")
 

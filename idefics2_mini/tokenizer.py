@@ -1,6 +1,6 @@
 """The Idefics2 tokenizer: Mistral-7B-v0.1 SentencePiece plus three added tokens.
 
-Vocabulary (32003 ids):
+Vocabulary (32003 ids; the special tokens' text and ids are in tokens.py):
 
     0 ... 31999   SentencePiece pieces (0 <unk>, 1 <s>, 2 </s>, 3..258 byte fallback <0x00>..<0xFF>)
     32000         <fake_token_around_image>   wraps each block of image tokens
@@ -31,12 +31,22 @@ from typing import Iterable, Sequence
 
 import sentencepiece
 
+from .tokens import (
+    BOS_TOKEN,
+    END_OF_UTTERANCE_TOKEN,
+    END_OF_UTTERANCE_TOKEN_ID,
+    EOS_TOKEN,
+    FAKE_IMAGE_TOKEN,
+    FAKE_IMAGE_TOKEN_ID,
+    IMAGE_TOKEN,
+    IMAGE_TOKEN_ID,
+    SENTENCEPIECE_VOCAB_SIZE,
+    UNK_TOKEN,
+    VOCAB_SIZE,
+)
+
 # The tokenizer shipped with the package (Apache-2.0, see weights/TOKENIZER_LICENSE.md).
 SHIPPED_TOKENIZER_MODEL = Path(__file__).resolve().parents[1] / "weights" / "tokenizer.model"
-
-FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
-IMAGE_TOKEN = "<image>"
-END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
 
 
 class Idefics2Tokenizer:
@@ -47,10 +57,10 @@ class Idefics2Tokenizer:
     `vocab_size` 32003.
     """
 
-    bos_token = "<s>"
-    eos_token = "</s>"
-    unk_token = "<unk>"
-    pad_token = "<unk>"  # Idefics2 pads with id 0 (<unk>); the attention mask hides it.
+    bos_token = BOS_TOKEN
+    eos_token = EOS_TOKEN
+    unk_token = UNK_TOKEN
+    pad_token = UNK_TOKEN  # Idefics2 pads with id 0 (<unk>); the attention mask hides it.
     fake_image_token = FAKE_IMAGE_TOKEN
     image_token = IMAGE_TOKEN
     end_of_utterance_token = END_OF_UTTERANCE_TOKEN
@@ -65,7 +75,7 @@ class Idefics2Tokenizer:
         self.model_file = model_file
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         base_size = self.sp.get_piece_size()
-        if base_size != 32000:
+        if base_size != SENTENCEPIECE_VOCAB_SIZE:
             raise ValueError(
                 f"{model_file} has {base_size} pieces; Idefics2 needs the 32000-piece Mistral-7B-v0.1 "
                 "SentencePiece model (its added tokens start at id 32000)."
@@ -75,10 +85,10 @@ class Idefics2Tokenizer:
         self.bos_token_id = self.sp.bos_id()
         self.eos_token_id = self.sp.eos_id()
         self.pad_token_id = self.unk_token_id
-        self.fake_image_token_id = base_size
-        self.image_token_id = base_size + 1
-        self.end_of_utterance_token_id = base_size + 2
-        self.vocab_size = base_size + 3
+        self.fake_image_token_id = FAKE_IMAGE_TOKEN_ID
+        self.image_token_id = IMAGE_TOKEN_ID
+        self.end_of_utterance_token_id = END_OF_UTTERANCE_TOKEN_ID
+        self.vocab_size = VOCAB_SIZE
 
         # Every token that is cut out of the text and never handed to SentencePiece.
         self.special_token_to_id: dict[str, int] = {

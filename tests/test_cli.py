@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import idefics2_mini as im
-from idefics2_mini import backends, cli, demo
+from idefics2_mini import backends, chat, cli, demo
 from idefics2_mini.processor import Idefics2Processor, render_chat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,9 +153,9 @@ def test_a_new_turn_is_tokenized_like_the_whole_conversation(demo_dir):
     new image in turn 2 goes through the processor into that turn's pixel_values."""
     model = im.Idefics2.from_pretrained(demo_dir)
     processor = Idefics2Processor.from_pretrained(demo_dir)
-    options = cli.GenerationOptions(max_new_tokens=3, do_sample=False, temperature=1.0, top_k=None, top_p=None,
-                                    seed=None)
-    conversation = cli.Conversation(model, processor, options)
+    options = chat.GenerationOptions(max_new_tokens=3, do_sample=False, temperature=1.0, top_k=None, top_p=None,
+                                     seed=None)
+    conversation = chat.Conversation(model, processor, options)
     image = str(REPO / EXAMPLE_IMAGE)
     turn1 = conversation.turn_inputs("What is it?", [image])
     pieces: list[str] = []
@@ -166,8 +166,8 @@ def test_a_new_turn_is_tokenized_like_the_whole_conversation(demo_dir):
     assert turn2["pixel_values"].shape[:2] == (1, 1)
     conversation.answer(turn2, lambda piece: None)
 
-    messages = [cli.Conversation.user_message("What is it?", 1), {"role": "assistant", "content": answer1},
-                cli.Conversation.user_message("And this one?", 1)]
+    messages = [chat.user_message("What is it?", 1), {"role": "assistant", "content": answer1},
+                chat.user_message("And this one?", 1)]
     whole = processor(text=render_chat(messages, add_generation_prompt=True), images=[image, image])
     whole_ids = whole["input_ids"][0].tolist()
     ids2 = turn2["input_ids"][0].tolist()
@@ -214,6 +214,9 @@ def test_prompt_longer_than_the_maximum_positions(demo_dir, tmp_path, capsys):
     (["--weights", "no/such/folder", "Hi"], "no such folder"),
     (["--max-new-tokens", "0", "Hi"], "--max-new-tokens must be at least 1"),
     (["--temperature", "0", "--top-p", "0.5", "Hi"], "--temperature 0 means greedy"),
+    (["--temperature", "-1", "Hi"], "--temperature must be > 0"),
+    (["--top-k", "0", "Hi"], "--top-k must be >= 1"),
+    (["--top-p", "1.5", "Hi"], "--top-p must be in (0, 1]"),
     (["--device", "cuda:99", "Hi"], "--device cuda:99"),
     ([], "give a prompt"),
 ])

@@ -216,3 +216,20 @@ def test_mapping_only_where_the_bytes_can_be_used_as_they_are(checkpoint):
     assert not _use_mapping(None, headers, torch.float32, torch.device("cuda"))  # a GPU always copies
     with pytest.raises(ValueError, match="goes to cuda"):
         _use_mapping(True, headers, torch.float32, torch.device("cuda"))
+
+
+def test_check_and_the_loader_apply_the_same_rules(checkpoint, tmp_path):
+    """`check_checkpoint` (the CLI's `check`) and the loader run one inspection: every problem
+    the loader raises is one that check lists."""
+    from idefics2_mini.loading import check_checkpoint  # noqa: PLC0415
+
+    path = copy_of(checkpoint, tmp_path)
+    problems, findings = check_checkpoint(path, im.Idefics2, require_tokenizer=False)
+    assert problems == [] and any(line.startswith("tensors: all") for line in findings)
+    rewrite(path, lambda t: (t.pop("model.connector.perceiver_resampler.latents"),
+                             t.update({"model.vision_model.head.probe": torch.zeros(3)})))
+    problems, _ = check_checkpoint(path, im.Idefics2, require_tokenizer=False)
+    assert len(problems) == 2
+    with pytest.raises(im.CheckpointError) as raised:
+        im.Idefics2.from_pretrained(path)
+    assert all(problem in str(raised.value) for problem in problems)
