@@ -1,7 +1,7 @@
 """The small per-step pieces of CPU decode that are not linears: choosing the greedy token, and
 decode attention eager (SDPA) against compiled (the math Inductor fuses).
 
-    python benchmarks/decode_ops.py [--threads N] [--quick]
+    python -m benchmarks.decode_ops [--threads N] [--quick]
 
 - greedy token: `torch.argmax` over a [B, 32003] row (a scalar loop on the CPU) against
   `idefics2_mini.backends.cpu.greedy_argmax` (chunk maxima with the vectorised amax, then argmax
@@ -23,15 +23,10 @@ import importlib
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/kernels.py
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import machine_info, median_call_us, write_markdown  # noqa: E402
-from idefics2_mini.backends.cpu import greedy_argmax  # noqa: E402
+from benchmarks.common import machine_info, median_call_us, write_markdown
+from idefics2_mini.backends.cpu import greedy_argmax
 
 # `kernels.attention_decode` the attribute is the function; the module is imported by name.
 decode_module = importlib.import_module("kernels.attention_decode")

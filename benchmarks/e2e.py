@@ -1,9 +1,11 @@
 """End-to-end benchmark: this project against the reference (transformers), side by side.
 
-    python benchmarks/e2e.py                      # tiny + wide (+ the full 8B on CUDA); ~25 min on 2 CPU cores
-    python benchmarks/e2e.py --tag fused-qkv      # also keep this run as e2e-fused-qkv.{md,csv,png}
-    python benchmarks/e2e.py --models wide --impls ours     # a subset (ratios need both impls)
-    python benchmarks/e2e.py --quick              # smoke run: tiny only, 1 repeat (used by the tests)
+    python -m benchmarks.e2e                      # tiny + wide (+ the full 8B on CUDA); ~25 min on 2 CPU cores
+    python -m benchmarks.e2e --models wide --impls ours     # a subset (ratios need both impls)
+    python -m benchmarks.e2e --quick              # smoke run: tiny only, 1 repeat (used by the tests)
+
+Three files: this driver (models, inputs, checkpoints, the processes, the rounds), e2e_child.py
+(what one measuring process does) and e2e_report.py (rows, targets, the markdown, CSV and plot).
 
 What it does
 ------------
@@ -26,7 +28,7 @@ What it does
    both; `--rounds` (default 2) such processes per implementation, round-robin, so that a slow
    spell of a shared machine hits every implementation, and each figure is the median over the
    rounds. The implementations: ours and the reference as they run by default (eager), and each
-   with its decode compiled (decode only): ours with `model.compile_decode()`, the reference
+   with its decode compiled (decode only): ours with `compile_decode(model)`, the reference
    with its own recipe, a static cache + `compile_config` in generate. Each process measures:
      load     wall seconds of `from_pretrained` (fp32 on CPU); the median over `--repeats` fresh
               processes (the first is the measuring process, the others only load). Both
@@ -43,25 +45,16 @@ What it does
      memory   peak resident set size (ru_maxrss) of the process, after loading and at the end;
               on CUDA also torch.cuda.max_memory_allocated.
    Every timed call runs once untimed first (warm-up); timings are medians of `--repeats` runs.
-4. Reports decode also as achieved memory bandwidth: bytes a decode step must read (every decoder
-   weight, the final norm and the full lm_head; the embedding table only for the B gathered rows;
-   plus the K and V cache up to the average context length of the measured steps) times steps/s,
-   against this machine's read bandwidth measured here (median time of `torch.sum` over a 1 GiB
-   fp32 tensor at the same thread count; see benchmarks/common.py).
-5. Writes benchmarks/results/<machine>/e2e.md and e2e.csv (and e2e.png when matplotlib imports);
-   with `--tag T` also e2e-T.{md,csv,png}, so a baseline and later runs sit side by side.
-
-The targets of issue 7 are checked in the table ("met"): on CPU, fp32, both in one run:
-decode tokens/s tiny >= 4x and wide >= 1.25x the reference (batch 1 and 8), wide decode at batch
-1 >= 80% of the measured read bandwidth (batch 8 is compute-bound on a few cores, so it is shown
-without a target), prefill wide <= 1.0x the reference's time, load <= 0.5x, peak memory <= the
-reference's; on a GPU the full 8B in bf16 at batch 1 decodes >= 2x the reference.
+4. Measures this machine's read bandwidth (median time of `torch.sum` over a 1 GiB fp32 tensor
+   at the same thread count; see benchmarks/common.py), to report decode against it.
+5. Writes benchmarks/results/<machine>/e2e.md, .csv, .json (and .png when matplotlib imports),
+   replacing the machine's previous run; earlier runs are in git's history (e2e_report.py, which
+   also checks the targets).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -77,20 +70,15 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# Run as a script, this folder comes first on the import path, and its kernels.py would then
-# shadow the `kernels` package the model imports: drop the folder, import from the repo root.
-sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
-sys.path.insert(0, str(ROOT))
+from benchmarks import common
+from benchmarks.e2e_child import RESULT_PREFIX
+from benchmarks.e2e_report import build_rows, fmt, print_rows, write_results
 
-from benchmarks import common  # noqa: E402
-
-RESULT_PREFIX = "E2E-RESULT "  # the child's last stdout line: this prefix + a JSON object
+ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("ours", "reference", "ours_compiled", "reference_compiled")
 # The compiled variants measure decode only (what compiling changes), each in its own process with
 # an empty Inductor cache, so the compile time they report is what a first run pays:
-#   ours_compiled       `model.compile_decode()` (torch.compile of the decode step; opt-in)
+#   ours_compiled       `compile_decode(model)` (torch.compile of the decode step; opt-in)
 #   reference_compiled  transformers' own recipe: a static KV cache + `compile_config` in generate
 #                       (it compiles automatically on GPUs; on a CPU `_compile_all_devices` asks it to)
 
@@ -246,139 +234,6 @@ def warm_page_cache(path: Path) -> None:
                 pass
 
 
-# ============================================================================ the measuring process
-
-
-def _log(spec: dict, message: str) -> None:
-    print(f"    [{spec['model']} / {spec['impl']}] {message}", file=sys.stderr, flush=True)
-
-
-def child_main(spec: dict) -> dict:
-    """Runs in a fresh process: load one implementation and measure it (see the module doc)."""
-    torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
-    path = spec["checkpoint"]
-    result: dict = {"rss_start_mib": common.peak_rss_mib()}
-
-    compiled = spec["impl"].endswith("_compiled")
-    start = time.perf_counter()
-    if spec["impl"].startswith("ours"):
-        import idefics2_mini as im  # noqa: PLC0415
-
-        result["import_s"] = time.perf_counter() - start
-
-        def load():
-            return im.Idefics2.from_pretrained(path, dtype=dtype, device=device)
-
-        def generate(model, batch, new_tokens):
-            return model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
-    else:
-        import transformers  # noqa: PLC0415
-        from transformers import Idefics2ForConditionalGeneration  # noqa: PLC0415
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        result["import_s"] = time.perf_counter() - start
-        compile_kwargs = {}
-        if compiled:
-            from transformers.generation.configuration_utils import CompileConfig  # noqa: PLC0415
-
-            compile_config = CompileConfig(fullgraph=True)
-            compile_config._compile_all_devices = True  # noqa: SLF001  (its switch for CPUs)
-            compile_kwargs = dict(cache_implementation="static", compile_config=compile_config)
-
-        def load():
-            kwargs = {"device_map": str(device)} if device.type == "cuda" else {}
-            return Idefics2ForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs).eval()
-
-        def generate(model, batch, new_tokens):
-            with torch.inference_mode():
-                return model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                      do_sample=False, pad_token_id=0, **compile_kwargs)
-
-    common.synchronize(device)
-    start = time.perf_counter()
-    model = load()
-    common.synchronize(device)
-    result["load_s"] = time.perf_counter() - start
-    result["rss_after_load_mib"] = common.peak_rss_mib()
-    _log(spec, f"loaded in {result['load_s']:.2f} s (peak RSS {result['rss_after_load_mib']:.0f} MiB)")
-    if spec["impl"] == "ours_compiled":
-        model.compile_decode()  # compiles on the first decode step (timed below as "first run")
-
-    inputs = torch.load(spec["inputs"])
-    for batch in inputs.values():
-        for key, value in batch.items():
-            batch[key] = value.to(device)
-            if key == "pixel_values":
-                batch[key] = batch[key].to(dtype)
-    # A loader may return early and pay later (transformers maps the safetensors files and reads the
-    # weights on first use): the first 1-token answer right after loading shows what a user waits.
-    result["first_token_s"] = result["load_s"] + common.time_once(
-        lambda: generate(model, inputs["text_b1"], 1), device)
-    _log(spec, f"load + first token (batch-1 text prompt): {result['first_token_s']:.2f} s")
-    if spec["load_only"]:
-        if spec["impl"] == "ours" and device.type == "cpu":
-            # Ours maps the checkpoint by default (like the reference); also time the copying
-            # load (what converting dtype or moving to a GPU costs). Only in these load-only
-            # processes, so the second model never inflates a measured run's peak memory.
-            del model
-            start = time.perf_counter()
-            im.Idefics2.from_pretrained(path, dtype=dtype, device=device, mmap=False)
-            result["load_copy_s"] = time.perf_counter() - start
-        return result
-    repeats, new_tokens = spec["repeats"], spec["new_tokens"]
-
-    def wait_for_quiet() -> None:  # before each group of timed runs; a neighbour may have started meanwhile
-        common.wait_for_quiet_machine(spec["max_wait_s"] / 4, log=lambda message: _log(spec, message.strip()))
-
-    prefills = {} if compiled else {"image": "prefill_s", "image_split": "prefill_split_s"}
-    result["raw"] = {}
-    wait_for_quiet()
-    for key in spec["prefill_warmup"] if prefills else ():
-        generate(model, inputs[key], 1)
-    raw = {key: [] for key in prefills}
-    for _ in range(spec["prefill_repeats"]):  # interleaved, so a slow spell of the machine hits both
-        for key in prefills:
-            raw[key].append(common.time_once(lambda: generate(model, inputs[key], 1), device))
-    for key, name in prefills.items():
-        batch = inputs[key]
-        result[name] = statistics.median(raw[key])
-        result[name.replace("_s", "_tokens")] = int(batch["input_ids"].shape[1])
-        result["raw"][key] = raw[key]
-        _log(spec, f"prefill {key}: {result[name]:.3f} s ({batch['input_ids'].shape[1]} tokens, "
-                   f"{batch['pixel_values'].shape[1]} crop(s)); runs {', '.join(f'{t:.3g}' for t in raw[key])}")
-
-    for key in ("text_b1", "text_b8"):
-        batch = inputs[key]
-        size, prompt_len = batch["input_ids"].shape
-        wait_for_quiet()
-        generate(model, batch, 1)  # warm-up
-        outputs = []  # the first run is timed (it compiles, if it will) and its tokens kept
-        first_run_s = common.time_once(lambda: outputs.append(generate(model, batch, new_tokens)), device)
-        out = outputs[0]
-        short, long = [], []
-        for _ in range(repeats):  # interleaved, so a slow spell of the machine hits both
-            short.append(common.time_once(lambda: generate(model, batch, 1), device))
-            long.append(common.time_once(lambda: generate(model, batch, new_tokens), device))
-        step_s = (statistics.median(long) - statistics.median(short)) / (new_tokens - 1)
-        result[f"decode_{key[-2:]}"] = dict(
-            batch=size, prompt_tokens=prompt_len, step_s=step_s, tokens_per_s=size / step_s,
-            t1_s=statistics.median(short), tn_s=statistics.median(long), first_run_s=first_run_s,
-        )
-        result["raw"][f"{key}_t1"], result["raw"][f"{key}_t{new_tokens}"] = short, long
-        if key == "text_b1":
-            result["tokens_b1"] = out[0, prompt_len:].tolist()
-        _log(spec, f"decode batch {size}: {size / step_s:.1f} tokens/s ({1e3 * step_s:.1f} ms/step); runs "
-                   f"t(1) {', '.join(f'{t:.3g}' for t in short)}; t({new_tokens}) {', '.join(f'{t:.3g}' for t in long)}")
-
-    result["peak_rss_mib"] = common.peak_rss_mib()
-    if device.type == "cuda":
-        result["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return result
-
-
 def merge_rounds(rounds: list[dict]) -> dict:
     """One result per implementation from its measuring processes (rounds): every timing is the
     median over the processes' own medians, every process's runs are kept in "raw" (and its
@@ -422,7 +277,7 @@ def run_child(spec: dict) -> dict:
     start = time.perf_counter()
     try:
         process = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+            [sys.executable, "-m", "benchmarks.e2e_child", json.dumps(spec)],
             stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_cache},
         )
     finally:
@@ -445,286 +300,6 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-# ============================================================================ bytes per decode step
-
-
-def decode_bytes_per_step(config, batch: int, context: float, element_bytes: int) -> float:
-    """Bytes one decode step must read: every decoder weight (attention, MLP, both norms per layer),
-    the final norm, the whole lm_head, the B gathered embedding rows, and the K and V cache of
-    `context` tokens per row (capped at the sliding window)."""
-    text = config.text
-    width, q_width, kv_width = text.hidden_size, text.num_attention_heads * text.head_dim, \
-        text.num_key_value_heads * text.head_dim
-    per_layer = (width * q_width + 2 * width * kv_width + q_width * width  # q, k, v, o
-                 + 3 * width * text.intermediate_size + 2 * width)  # gate, up, down; 2 RMSNorms
-    weights = text.num_hidden_layers * per_layer + width + text.vocab_size * width + batch * width
-    if text.sliding_window is not None:
-        context = min(context, text.sliding_window)
-    kv = text.num_hidden_layers * 2 * batch * kv_width * context
-    return (weights + kv) * element_bytes
-
-
-# ============================================================================ report
-
-
-@dataclass
-class Row:
-    model: str
-    metric: str
-    unit: str
-    ours: float | None
-    reference: float | None
-    better: str  # "lower" | "higher"
-    target: str = ""  # e.g. "ours/ref >= 4"
-    target_ratio: float | None = None
-    target_on: str = "ratio"  # "ratio" (ours/reference) or "ours" (the value itself)
-
-    @property
-    def ratio(self) -> float | None:
-        if self.ours is None or self.reference is None or self.reference == 0:
-            return None
-        return self.ours / self.reference
-
-    @property
-    def met(self) -> str:
-        if self.target_ratio is None:
-            return ""
-        value = self.ratio if self.target_on == "ratio" else self.ours
-        if value is None:
-            return "?"
-        ok = value >= self.target_ratio if self.better == "higher" else value <= self.target_ratio
-        return "yes" if ok else "NO"
-
-
-def build_rows(model: BenchModel, config, results: dict[str, dict], read_gbs: float) -> list[Row]:
-    ours, ref = results.get("ours"), results.get("reference")
-
-    def get(result, key, sub=None):
-        if result is None or key not in result:
-            return None
-        return result[key] if sub is None else result[key][sub]
-
-    def median_load(result, key="load_runs_s"):
-        return None if result is None or key not in result else statistics.median(result[key])
-
-    cpu_targets = model.name in ("tiny", "wide")
-    decode_target = {"tiny": 4.0, "wide": 1.25, "full": 2.0}.get(model.name)
-    rows = [
-        Row(model.name, "load (from_pretrained)", "s", median_load(ours), median_load(ref), "lower",
-            "ours/ref <= 0.5" if cpu_targets else "", 0.5 if cpu_targets else None),
-        Row(model.name, "load + first token (text prompt, fresh process)", "s", median_load(ours, "first_token_runs_s"),
-            median_load(ref, "first_token_runs_s"), "lower"),
-        Row(model.name, "load, ours copying (mmap=False) vs reference", "s", median_load(ours, "load_copy_runs_s"),
-            median_load(ref), "lower"),
-        Row(model.name, "import of the package", "s", get(ours, "import_s"), get(ref, "import_s"), "lower"),
-    ]
-    image = results.get("ours") or results.get("reference")
-    for key, label in (("prefill_s", "no split"), ("prefill_split_s", "split, 5 crops")):
-        tokens = get(image, key.replace("_s", "_tokens"))
-        wide = model.name == "wide"
-        rows.append(Row(model.name, f"prefill 980x653 image, {label} ({tokens} tokens)", "s", get(ours, key),
-                        get(ref, key), "lower", "ours/ref <= 1.0" if wide else "", 1.0 if wide else None))
-    for size in ("b1", "b8"):
-        batch = get(image, f"decode_{size}", "batch")
-        applies = decode_target is not None and (size == "b1" or model.name != "full")
-        rows.append(Row(model.name, f"decode batch {batch}", "tokens/s", get(ours, f"decode_{size}", "tokens_per_s"),
-                        get(ref, f"decode_{size}", "tokens_per_s"), "higher",
-                        f"ours/ref >= {decode_target:g}" if applies else "", decode_target if applies else None))
-    rows += compiled_decode_rows(model, results, decode_target)
-    element = torch.finfo(getattr(torch, model.dtype)).bits // 8
-    for size in ("b1", "b8"):
-        if image is None:
-            continue
-        decode = image[f"decode_{size}"]
-        context = decode["prompt_tokens"] + decode_target_steps(image) / 2
-        step_bytes = decode_bytes_per_step(config, decode["batch"], context, element)
-
-        def gbs(result):
-            step = get(result, f"decode_{size}", "step_s")
-            return None if step is None else step_bytes / step / 1e9
-
-        applies = model.name == "wide" and size == "b1"
-        rows.append(Row(model.name, f"decode batch {decode['batch']} as read bandwidth "
-                                    f"({step_bytes / 1e9:.3g} GB/step)", "GB/s", gbs(ours), gbs(ref), "higher"))
-        fraction = lambda result: None if gbs(result) is None else gbs(result) / read_gbs  # noqa: E731
-        rows.append(Row(model.name, f"decode batch {decode['batch']}: share of measured read bandwidth",
-                        "fraction", fraction(ours), fraction(ref), "higher",
-                        "ours >= 0.80" if applies else "", 0.8 if applies else None, target_on="ours"))
-    rows.append(Row(model.name, "peak RSS after load", "MiB", get(ours, "rss_after_load_mib"),
-                    get(ref, "rss_after_load_mib"), "lower"))
-    rows.append(Row(model.name, "peak RSS of the whole run", "MiB", get(ours, "peak_rss_mib"), get(ref, "peak_rss_mib"),
-                    "lower", "ours/ref <= 1.0" if cpu_targets else "", 1.0 if cpu_targets else None))
-    if get(ours, "cuda_peak_mib") or get(ref, "cuda_peak_mib"):
-        rows.append(Row(model.name, "peak CUDA memory allocated", "MiB", get(ours, "cuda_peak_mib"),
-                        get(ref, "cuda_peak_mib"), "lower"))
-    return rows
-
-
-def compiled_decode_rows(model: BenchModel, results: dict[str, dict], decode_target: float | None) -> list[Row]:
-    """Rows for the compiled variants: both compiled side by side, each implementation at its best
-    (eager or compiled, whichever decodes faster here; the issue's target applies to it too, as
-    what a user of each can get), and the first run's time, which pays the compile."""
-    ours_c, ref_c = results.get("ours_compiled"), results.get("reference_compiled")
-    if ours_c is None and ref_c is None:
-        return []
-
-    def tokens_per_s(result, size):
-        return None if result is None or f"decode_{size}" not in result else result[f"decode_{size}"]["tokens_per_s"]
-
-    def best(pairs):
-        measured = [(value, label) for value, label in pairs if value is not None]
-        return max(measured) if measured else (None, "-")
-
-    rows = []
-    for size in ("b1", "b8"):
-        any_result = ours_c or ref_c
-        batch = any_result[f"decode_{size}"]["batch"]
-        applies = decode_target is not None and (size == "b1" or model.name != "full")
-        rows.append(Row(model.name, f"decode batch {batch}, compiled decode (both)", "tokens/s",
-                        tokens_per_s(ours_c, size), tokens_per_s(ref_c, size), "higher"))
-        ours_best, ours_how = best([(tokens_per_s(results.get("ours"), size), "eager"),
-                                    (tokens_per_s(ours_c, size), "compiled")])
-        ref_best, ref_how = best([(tokens_per_s(results.get("reference"), size), "eager"),
-                                  (tokens_per_s(ref_c, size), "compiled")])
-        rows.append(Row(model.name, f"decode batch {batch}, each at its best (ours {ours_how}, reference {ref_how})",
-                        "tokens/s", ours_best, ref_best, "higher",
-                        f"ours/ref >= {decode_target:g}" if applies else "", decode_target if applies else None))
-        first = lambda result: None if result is None else result[f"decode_{size}"]["first_run_s"]  # noqa: E731
-        rows.append(Row(model.name, f"first decode run, batch {batch}, compiling included "
-                                    f"({decode_target_steps(any_result)} tokens)", "s", first(ours_c), first(ref_c),
-                        "lower"))
-    return rows
-
-
-def decode_target_steps(result: dict) -> int:
-    return result.get("new_tokens", 33)
-
-
-def fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "-"
-    if unit == "fraction":
-        return f"{100 * value:.1f}%"
-    if unit == "MiB":
-        return f"{value:,.0f}"
-    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
-
-
-def write_results(out_dir: Path, stems: list[str], info: dict, args, bandwidth_note: str,
-                  model_notes: dict[str, list[str]], rows: list[Row], all_results: dict[str, dict[str, dict]]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/e2e.py" + "".join(f" {a}" for a in sys.argv[1:])
-    lines = [
-        f"# End-to-end benchmark: idefics2_mini vs transformers — {info['device']}",
-        "",
-        f"- machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM"
-        + (f"; GPU {info['device']} (CUDA {info['cuda']})" if "cuda" in info else ""),
-        f"- torch {info['torch']}, transformers {args.transformers_version}, python {info['python']}, "
-        f"{info['threads']} torch threads (both implementations), {info['date']}",
-        f"- run: `{command}`" + (f" (tag `{args.tag}`)" if args.tag else ""),
-        f"- code measured: {code_version()}" + (f"; note: {args.note}" if args.note else ""),
-        f"- measured read bandwidth: {bandwidth_note}",
-        f"- decode = (t({args.new_tokens} new tokens) - t(1 new token)) / {args.new_tokens - 1}, greedy, stopping "
-        "off; prefill = generate 1 token for the image prompt; medians after a warm-up (counts per model "
-        "below); every (model, implementation) in its own fresh process, page cache warm",
-        "- ratio = ours / reference: below 1 is better for times and memory, above 1 for tokens/s and GB/s",
-        "",
-    ]
-    targets = [r for r in rows if r.target]
-    if targets:
-        lines += ["## Targets (issue 7)", "", "| model | metric | target | ours/ref | ours | met |",
-                  "|---|---|---|---:|---:|:---:|"]
-        for r in targets:
-            lines.append(f"| {r.model} | {r.metric} | {r.target} | {fmt(r.ratio, 'ratio')} | {fmt(r.ours, r.unit)} "
-                         f"| {r.met} |")
-        lines.append("")
-    for name in dict.fromkeys(r.model for r in rows):
-        lines += [f"## {name}", ""] + [f"- {note}" for note in model_notes[name]] + [
-            "", "| metric | unit | ours | reference | ours/ref | target | met |", "|---|---|---:|---:|---:|---|:---:|"]
-        for r in rows:
-            if r.model == name:
-                lines.append(f"| {r.metric} | {r.unit} | {fmt(r.ours, r.unit)} | {fmt(r.reference, r.unit)} | "
-                             f"{fmt(r.ratio, 'ratio')} | {r.target} | {r.met} |")
-        lines.append("")
-    lines += ["## Raw timings (s)", "", "Every timed run, to judge the spread (medians above).", ""]
-    for name, results in all_results.items():
-        for impl, result in results.items():
-            runs = {"load": result["load_runs_s"], "load+first token": result.get("first_token_runs_s", []),
-                    **({"load copying": result["load_copy_runs_s"]} if "load_copy_runs_s" in result else {}),
-                    **result.get("raw", {})}
-            lines.append(f"- {name} / {impl}: " + "; ".join(
-                f"{key} " + ", ".join(f"{t:.3g}" for t in values) for key, values in runs.items()))
-    lines.append("")
-    markdown = "\n".join(lines)
-
-    for stem in stems:
-        (out_dir / f"{stem}.md").write_text(markdown)
-        (out_dir / f"{stem}.json").write_text(json.dumps(all_results, indent=1) + "\n")
-        with open(out_dir / f"{stem}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["model", "metric", "unit", "ours", "reference", "ratio_ours_over_reference", "better",
-                             "target", "met", "device", "threads", "torch", "date", "tag"])
-            for r in rows:
-                writer.writerow([r.model, r.metric, r.unit, "" if r.ours is None else f"{r.ours:.6g}",
-                                 "" if r.reference is None else f"{r.reference:.6g}",
-                                 "" if r.ratio is None else f"{r.ratio:.4g}", r.better, r.target, r.met,
-                                 info["device"], info["threads"], info["torch"], info["date"], args.tag or ""])
-    plot(out_dir, stems, info, rows)
-
-
-def code_version() -> str:
-    """The commit of the measured code, and whether the model's files had uncommitted changes."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "idefics2_mini", "kernels"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
-    return f"commit {commit}" + (" + uncommitted changes in idefics2_mini/ or kernels/" if dirty else "")
-
-
-def plot(out_dir: Path, stems: list[str], info: dict, rows: list[Row]) -> None:
-    """Bar chart: per model, how many times better ours is than the reference on each metric
-    (reference time / ours, ours tokens/s / reference, ...), with the issue's targets marked."""
-    try:
-        import matplotlib  # noqa: PLC0415
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError:
-        print("  (matplotlib not installed: no PNG; pip install -e '.[bench]')")
-        return
-    shown = [r for r in rows if r.ratio and r.unit != "fraction" and "import" not in r.metric
-             and "bandwidth" not in r.metric and "after load" not in r.metric]
-    models = list(dict.fromkeys(r.model for r in shown))
-    if not models:
-        return
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.8), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        mine = [r for r in shown if r.model == name]
-        advantage = [r.ratio if r.better == "higher" else 1 / r.ratio for r in mine]
-        colors = ["tab:green" if a >= 1 else "tab:red" for a in advantage]
-        positions = range(len(mine))
-        ax.bar(positions, advantage, color=colors)
-        for x, r in zip(positions, mine):
-            if r.target_ratio is not None and r.target_on == "ratio":
-                goal = r.target_ratio if r.better == "higher" else 1 / r.target_ratio
-                ax.plot([x - 0.4, x + 0.4], [goal, goal], color="black", linestyle="--", linewidth=1)
-        ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.set_xticks(list(positions))
-        ax.set_xticklabels([r.metric.split(" (")[0].replace("prefill 980x653 image, ", "prefill ") for r in mine],
-                           rotation=35, ha="right", fontsize=7)
-        ax.set_ylabel("times better than the reference (dashed: target)", fontsize=8)
-        ax.set_title(f"{name}", fontsize=10)
-    fig.suptitle(f"idefics2_mini vs transformers — {info['device']}, {info['threads']} threads, {info['date']}",
-                 fontsize=9)
-    fig.tight_layout()
-    for stem in stems:
-        fig.savefig(out_dir / f"{stem}.png", dpi=110)
-    plt.close(fig)
-
-
 # ============================================================================ main
 
 
@@ -743,7 +318,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokens per long decode run, >= 2 (default 33; 9 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: usable cores)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--tag", default=None, help="also write e2e-<tag>.{md,csv,png} beside the latest e2e.*")
     parser.add_argument("--note", default=None, help="free text recorded in the results (e.g. what changed)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<machine>)")
     parser.add_argument("--weights", default=str(ROOT / "weights" / "bench"), help="checkpoint cache folder")
@@ -754,13 +328,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="measuring processes per (model, implementation), run round-robin; every figure is "
                              "the median over the rounds (default 2; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny only, 1 repeat, no waiting")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    if args.child is not None:
-        result = child_main(json.loads(args.child))
-        print(RESULT_PREFIX + json.dumps(result), flush=True)
-        return
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = args.threads or common.usable_cores()
@@ -802,7 +370,6 @@ def main(argv: list[str] | None = None) -> None:
 
     info = common.machine_info(device, threads)
     out_dir = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / common.slug(info["device"])
-    stems = ["e2e"] + ([f"e2e-{args.tag}"] if args.tag else [])
     print(f"machine: {info['device']} — {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
           f"{threads} threads", flush=True)
 
@@ -905,18 +472,9 @@ def main(argv: list[str] | None = None) -> None:
                       f"{bandwidth_gib:g} GiB fp32 tensor, {threads} threads){datasheet}")
     rows = [row for name in all_results
             for row in build_rows(MODELS[name], MODELS[name].config(), all_results[name], read_gbs)]
-    write_results(out_dir, stems, info, args, bandwidth_note, notes, rows, all_results)
-    shown = ", ".join(f"{s}.md" for s in stems)
-    print(f"wrote {out_dir}: {shown} (+ .csv{', .png' if (out_dir / 'e2e.png').exists() else ''}) "
+    write_results(out_dir, info, args, bandwidth_note, notes, rows, all_results)
+    print(f"wrote {out_dir}: e2e.md (+ .csv, .json{', .png' if (out_dir / 'e2e.png').exists() else ''}) "
           f"in {time.perf_counter() - started:.0f} s")
-
-
-def print_rows(rows: list[Row]) -> None:
-    for r in rows:
-        ratio = "" if r.ratio is None else f"  ours/ref {r.ratio:.2f}"
-        target = f"  [{r.target}: {r.met}]" if r.target else ""
-        print(f"    {r.metric:<58} ours {fmt(r.ours, r.unit):>9}  ref {fmt(r.reference, r.unit):>9} {r.unit:<8}"
-              f"{ratio}{target}", flush=True)
 
 
 if __name__ == "__main__":

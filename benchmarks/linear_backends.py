@@ -1,6 +1,6 @@
 """F.linear (MKL sgemm) vs oneDNN's inner product on the CPU, for the model's own linear shapes.
 
-    python benchmarks/linear_backends.py [--threads N] [--quick]
+    python -m benchmarks.linear_backends [--threads N] [--quick]
 
 Why `idefics2_mini.backends.cpu.linear` sends big fp32 weights to oneDNN for some input row counts
 (all of them on AMD; 2 to 511 on Intel CPUs) and keeps small ones on F.linear: for each weight
@@ -17,16 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/kernels.py
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from benchmarks.common import machine_info, median_call_us, write_markdown  # noqa: E402
-from idefics2_mini.backends import cpu  # noqa: E402
+from benchmarks.common import machine_info, median_call_us, write_markdown
+from idefics2_mini.backends import cpu
 
 # (name, out, in): the 8B decoder, projector and vision tower, and the tiny model of e2e.py
 SHAPES = [

@@ -1,6 +1,6 @@
 """Peak memory while loading a multi-GB checkpoint, against the model's own size.
 
-    python benchmarks/load_memory.py [--gib 3] [--dtypes float32,bfloat16]
+    python -m benchmarks.load_memory [--gib 3] [--dtypes float32,bfloat16]
 
 Builds (once, under weights/bench/) a random checkpoint in the official layout of about the
 requested size — the real 8B widths (vision 1152, text 4096/14336, vocab 32003) with as many
@@ -25,14 +25,10 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# benchmarks/kernels.py would shadow the `kernels` package: keep this folder off the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(ROOT))
+import idefics2_mini as im
+from benchmarks.common import cpu_name, slug
 
-import idefics2_mini as im  # noqa: E402
-from benchmarks.common import cpu_name, slug  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MEASURE = r"""
 import json, sys, time, torch

@@ -1,6 +1,6 @@
 """NaViT packing vs padding vs the reference: time and activation memory of the image path.
 
-    python benchmarks/packing.py [--repeats 3] [--vision-layers 2]
+    python -m benchmarks.packing [--repeats 3] [--vision-layers 2]
 
 The image path (vision tower + projection + perceiver) at the real Idefics2-8B widths (vision
 1152/4304/16 heads, perceiver 4096 wide, depth 3, projection through 14336) with a few vision
@@ -26,18 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# benchmarks/kernels.py would shadow the `kernels` package: keep this folder off the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import cpu_name, slug, usable_cores
 
-from benchmarks.common import cpu_name, slug, usable_cores  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = r"""
 import json, statistics, sys, time
 import PIL.Image, torch
-sys.path.insert(0, sys.argv[1])
 import idefics2_mini as im
 from idefics2_mini.processor import Idefics2Processor
 
@@ -46,7 +41,7 @@ def status(field):
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024  # MiB
 
-checkpoint, which, batch_name, repeats, threads = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+checkpoint, which, batch_name, repeats, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
 square = PIL.Image.radial_gradient("L").resize((980, 980)).convert("RGB")
 small = [PIL.Image.effect_mandelbrot((378, 378), (-2, -1.5, 1, 1.5), 50 + 20 * i).convert("RGB") for i in range(3)]
@@ -98,8 +93,8 @@ def build_checkpoint(path: Path, vision_layers: int) -> None:
 
 def measure(checkpoint: Path, which: str, batch: str, repeats: int, threads: int) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, str(ROOT), str(checkpoint), which, batch, str(repeats), str(threads)],
-        check=True, capture_output=True, text=True,
+        [sys.executable, "-c", WORKER, str(checkpoint), which, batch, str(repeats), str(threads)],
+        check=True, capture_output=True, text=True, cwd=ROOT,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 

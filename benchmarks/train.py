@@ -1,7 +1,7 @@
 """One training step (forward + backward + optimizer), ours vs the reference, side by side.
 
-    python benchmarks/train.py                       # ~10 min on 2 CPU cores
-    python benchmarks/train.py --model tiny          # seconds: the smoke test's size
+    python -m benchmarks.train                       # ~10 min on 2 CPU cores
+    python -m benchmarks.train --model tiny          # seconds: the smoke test's size
 
 Model "wide": the real Idefics2-8B widths (vision 1152 / 16 heads, projector 1152 -> 14336 ->
 4096, perceiver 4096 wide 16/4 heads x 96, decoder 4096 wide 32/8 heads x 128, SwiGLU 14336,
@@ -38,8 +38,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, peak_rss_mib, write_markdown  # noqa: E402
+from benchmarks.common import machine_info, peak_rss_mib, write_markdown
 
 SETUPS = ("lora", "lora-ckpt", "full", "full-ckpt")
 IMPLS = ("ours", "reference")
@@ -107,8 +106,7 @@ def make_batch(path: Path) -> dict[str, torch.Tensor]:
 
     from idefics2_mini.processor import Idefics2Processor  # noqa: PLC0415
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from e2e import make_image  # noqa: PLC0415
+    from benchmarks.e2e import make_image  # noqa: PLC0415
 
     image = make_image().resize((568, 378), Image.BILINEAR)
     processor = Idefics2Processor.from_pretrained(None, do_image_splitting=False)
@@ -191,8 +189,8 @@ def child(spec: dict) -> dict:
 
 
 def run_child(spec: dict) -> dict:
-    command = [sys.executable, __file__, "--child", json.dumps(spec)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    command = [sys.executable, "-m", "benchmarks.train", "--child", json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -237,7 +235,7 @@ def report(args, results: dict, batch: dict) -> None:
     tokens = int(batch["attention_mask"].sum())
     counted = int((batch["labels"] != -100).sum())
     lines = [f"# One training step, {args.model} model: ours vs the reference", "",
-             "`python benchmarks/train.py " + " ".join(sys.argv[1:]) + "`; see the script's docstring for the "
+             "`python -m benchmarks.train " + " ".join(sys.argv[1:]) + "`; see the script's docstring for the "
              "model and the setups.", "",
              " · ".join(f"{k}: {v}" for k, v in info.items()), "",
              f"One sample: {tokens} tokens ({counted} learned), one 568x378 image unsplit; fp32; "

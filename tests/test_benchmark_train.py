@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/train.py: the tiny model, LoRA, both implementations, one step."""
+"""Smoke test of benchmarks/train.py (`python -m benchmarks.train`): the tiny model, LoRA, both
+implementations, one step."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_train_benchmark_runs_both_implementations(tmp_path):
     pytest.importorskip("peft")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train.py"), "--model", "tiny", "--setups", "lora",
+        [sys.executable, "-m", "benchmarks.train", "--model", "tiny", "--setups", "lora",
          "--steps", "1", "--threads", "1", "--weights-dir", str(tmp_path / "weights"), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "train-tiny.json").read_text())["results"]["lora"]

@@ -1,5 +1,6 @@
-"""Smoke test of the end-to-end benchmark (benchmarks/e2e.py), so that it keeps working while the
-model changes under it: its smallest configuration, one repeat, into a temporary folder."""
+"""Smoke tests of the benchmarks (run as `python -m benchmarks.<name>` from the repository root),
+so that they keep working while the model changes under them: their smallest configuration, one
+repeat, into a temporary folder."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def test_e2e_benchmark_quick_run(tmp_path):
              else "ours,ours_compiled")
     out, weights = tmp_path / "results", tmp_path / "weights"
     process = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--quick", "--impls", impls,
+        [sys.executable, "-m", "benchmarks.e2e", "--quick", "--impls", impls,
          "--out", str(out), "--weights", str(weights)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -49,7 +50,7 @@ def test_linear_backends_benchmark_quick_run(tmp_path):
     if not cpu.ONEDNN_LINEAR:
         return
     process = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "linear_backends.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.linear_backends", "--quick", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
@@ -59,7 +60,7 @@ def test_linear_backends_benchmark_quick_run(tmp_path):
 
 def test_decode_ops_benchmark_quick_run(tmp_path):
     process = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "decode_ops.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.decode_ops", "--quick", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
