@@ -35,7 +35,6 @@ class KVCache:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.max_tokens = max_tokens
-        self.sliding_window = sliding_window
         self.capacity = max_tokens if sliding_window is None else min(sliding_window, max_tokens)
         shape = (batch_size, num_kv_heads, self.capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -51,10 +50,6 @@ class KVCache:
         self.decoding = False  # this step is one token after earlier ones (decode attention)
         self._decode_slot = torch.zeros(1, dtype=torch.long, device=device)  # where its K/V go
         self._decode_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-
-    @property
-    def batch_size(self) -> int:
-        return self.slot_is_real.shape[0]
 
     @property
     def filled_slots(self) -> int:

@@ -72,12 +72,12 @@ def variants():
             kernel = rmsnorm._rms_norm_fwd_kernel
             yield (f"rmsnorm forward {element} one_block={one_block}", kernel,
                    signature(kernel, {"rstd_ptr": "*fp32"}, {"eps"}, element),
-                   dict(HAS_RESIDUAL=True, BLOCK=4096 if one_block else 1024, ONE_BLOCK=one_block,
+                   dict(BLOCK=4096 if one_block else 1024, ONE_BLOCK=one_block,
                         ACC=triton.language.float32, FIX_BF16=False), {"num_warps": 8})
             kernel = rmsnorm._rms_norm_bwd_kernel
             yield (f"rmsnorm backward {element} one_block={one_block}", kernel,
                    signature(kernel, {"rstd_ptr": "*fp32", "dw_partial_ptr": "*fp32"}, set(), element),
-                   dict(HAS_DSUM=True, BLOCK=4096 if one_block else 1024, ONE_BLOCK=one_block,
+                   dict(BLOCK=4096 if one_block else 1024, ONE_BLOCK=one_block,
                         ACC=triton.language.float32, FIX_BF16=False), {"num_warps": 8})
 
 

@@ -29,139 +29,117 @@ from kernels.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 pytestmark = needs_triton
 
 EPS = 1e-5
-def make(shape, dtype, seed=0, residual=False):
+
+
+def make(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g) * 2).to(dtype)
     w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(dtype)
-    r = torch.randn(shape, generator=g).to(dtype) if residual else None
-    return x, w, r
+    return x, w
 
 
-def forward(x, w, r, **launch):
+def forward(x, w, **launch):
     """The Triton forward (via the launcher, so block sizes can be forced)."""
-    y, summed, _ = rms_module._rms_norm_fwd_launch(x, w, EPS, r, **launch)
-    return (y, summed) if r is not None else y
+    return rms_module._rms_norm_fwd_launch(x, w, EPS, **launch)[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1152), (3, 5, 100), (4, 4096)])
-@pytest.mark.parametrize("residual", [False, True])
-def test_forward_matches_reference(dtype, shape, residual):
-    x, w, r = make(shape, dtype, residual=residual)
-    out = forward(x, w, r)
-    if r is None:
-        ref_hi = rms_norm_reference(x.double(), w.double(), EPS)
-        assert_rule(out, ref_hi, rms_norm_reference(x, w, EPS), dtype)
-        assert out.dtype == dtype and out.shape == x.shape
-    else:
-        y, summed = out
-        ref_lo, summed_lo = rms_norm_reference(x, w, EPS, r)
-        # The sum is rounded once to the input dtype, exactly like torch's add.
-        assert torch.equal(summed, summed_lo)
-        ref_hi = rms_norm_reference(summed.double(), w.double(), EPS)
-        assert_rule(y, ref_hi, rms_norm_reference(summed, w, EPS), dtype)
+def test_forward_matches_reference(dtype, shape):
+    x, w = make(shape, dtype)
+    out = forward(x, w)
+    ref_hi = rms_norm_reference(x.double(), w.double(), EPS)
+    assert_rule(out, ref_hi, rms_norm_reference(x, w, EPS), dtype)
+    assert out.dtype == dtype and out.shape == x.shape
 
 
 @pytest.mark.parametrize("n_cols,max_one_block", [(1000, 256), (16385, 16384)])
 def test_wide_rows_loop_path(n_cols, max_one_block):
     """Rows wider than one block take the two-pass loop (sum of squares, then normalise)."""
-    x, w, r = make((2, n_cols), torch.bfloat16, seed=1, residual=True)
-    y, summed = forward(x, w, r, max_one_block=max_one_block)
-    y1, summed1 = forward(x, w, r)  # same code path for 16385; one block for 1000
-    ref_lo, summed_lo = rms_norm_reference(x, w, EPS, r)
-    assert torch.equal(summed, summed_lo)
-    ref_hi = rms_norm_reference(summed.double(), w.double(), EPS)
+    x, w = make((2, n_cols), torch.bfloat16, seed=1)
+    y = forward(x, w, max_one_block=max_one_block)
+    y1 = forward(x, w)  # same code path for 16385; one block for 1000
+    ref_lo = rms_norm_reference(x, w, EPS)
+    ref_hi = rms_norm_reference(x.double(), w.double(), EPS)
     assert_rule(y, ref_hi, ref_lo, torch.bfloat16)
     assert_rule(y1, ref_hi, ref_lo, torch.bfloat16)
 
 
 def test_mixed_weight_dtype_promotes_like_reference():
-    x, _, _ = make((3, 64), torch.bfloat16)
+    x, _ = make((3, 64), torch.bfloat16)
     w = torch.randn(64, dtype=torch.float32)
-    y = forward(x, w, None)
+    y = forward(x, w)
     ref = rms_norm_reference(x, w, EPS)
     assert y.dtype == ref.dtype == torch.float32
     assert max_err(y, ref) <= 1e-5 * ref.abs().max().item() + 1e-6
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_backward_gradcheck_fp64(residual, monkeypatch):
+def test_backward_gradcheck_fp64(monkeypatch):
     """The Triton backward computes in fp64 for fp64 inputs, so gradcheck runs through it."""
     monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 8, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
-    if residual:
-        r = torch.randn(3, 8, dtype=torch.float64, generator=g, requires_grad=True)
-        fn = lambda x, w, r: rms_norm(x, w, EPS, r)  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (x, w, r), fast_mode=True)
-    else:
-        assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, EPS), (x, w), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, EPS), (x, w), fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("max_one_block", [16384, 128])
 def test_backward_matches_fp64_autograd(dtype, max_one_block):
-    """dx, dweight, d(residual) vs autograd through the reference in fp64 (the rule again;
-    the loop path for wide rows is forced with max_one_block=128)."""
+    """dx, dweight vs autograd through the reference in fp64 (the rule again; the loop path
+    for wide rows is forced with max_one_block=128)."""
     n = 300
-    x, w, r = make((5, n), dtype, seed=4, residual=True)
+    x, w = make((5, n), dtype, seed=4)
     g = torch.Generator().manual_seed(5)
     dy = torch.randn(5, n, generator=g).to(dtype)
-    dsum = torch.randn(5, n, generator=g).to(dtype)
 
-    def grads(x, w, r, impl):
-        x, w, r = (t.detach().clone().requires_grad_() for t in (x, w, r))
-        y, s = impl(x, w, r)
-        torch.autograd.backward((y, s), (dy.to(y.dtype), dsum.to(s.dtype)))
-        return x.grad, w.grad, r.grad
+    def grads(x, w, impl):
+        x, w = (t.detach().clone().requires_grad_() for t in (x, w))
+        y = impl(x, w)
+        y.backward(dy.to(y.dtype))
+        return x.grad, w.grad
 
-    hi = grads(x.double(), w.double(), r.double(), lambda a, b, c: rms_norm_reference(a, b, EPS, c))
-    lo = grads(x, w, r, lambda a, b, c: rms_norm_reference(a, b, EPS, c))
+    hi = grads(x.double(), w.double(), lambda a, b: rms_norm_reference(a, b, EPS))
+    lo = grads(x, w, lambda a, b: rms_norm_reference(a, b, EPS))
     # Triton: forward op, then the backward launcher with the forced block limit.
-    y, summed, rstd = rms_module._rms_norm_fwd_launch(x, w, EPS, r)
-    dx, dw = rms_module._rms_norm_bwd_launch(dy, summed, w, rstd, dsum, max_one_block=max_one_block)
+    y, rstd = rms_module._rms_norm_fwd_launch(x, w, EPS)
+    dx, dw = rms_module._rms_norm_bwd_launch(dy, x, w, rstd, max_one_block=max_one_block)
     assert_rule(dx, hi[0], lo[0], dtype, fp32_tol=1e-4)
     assert_rule(dw, hi[1], lo[1], dtype, fp32_tol=1e-4)
-    # (x and residual receive this same dx: see test_autograd_function_residual_grads.)
 
 
-def test_autograd_function_residual_grads(monkeypatch):
-    x, w, r = make((2, 48), torch.float32, seed=6, residual=True)
-    x, w, r = (t.requires_grad_() for t in (x, w, r))
-    y, s = RMSNormFunction.apply(x, w, EPS, r)
-    (y.sum() + (s * s).sum()).backward()
-    x2, w2, r2 = (t.detach().clone().requires_grad_() for t in (x, w, r))
-    y2, s2 = rms_norm_reference(x2, w2, EPS, r2)
-    (y2.sum() + (s2 * s2).sum()).backward()
+def test_autograd_function_grads(monkeypatch):
+    x, w = make((2, 48), torch.float32, seed=6)
+    x, w = (t.requires_grad_() for t in (x, w))
+    y = RMSNormFunction.apply(x, w, EPS)
+    (y * y).sum().backward()
+    x2, w2 = (t.detach().clone().requires_grad_() for t in (x, w))
+    y2 = rms_norm_reference(x2, w2, EPS)
+    (y2 * y2).sum().backward()
     assert max_err(x.grad, x2.grad) < 1e-4 and max_err(w.grad, w2.grad) < 1e-4
-    assert torch.equal(x.grad, r.grad)
 
 
 def test_one_row_and_empty():
-    x, w, _ = make((1, 1, 4096), torch.bfloat16, seed=7)
-    assert_rule(forward(x, w, None), rms_norm_reference(x.double(), w.double(), EPS),
+    x, w = make((1, 1, 4096), torch.bfloat16, seed=7)
+    assert_rule(forward(x, w), rms_norm_reference(x.double(), w.double(), EPS),
                 rms_norm_reference(x, w, EPS), torch.bfloat16)
     empty = torch.empty(0, 16)
-    assert forward(empty, torch.ones(16), None).shape == (0, 16)
+    assert forward(empty, torch.ones(16)).shape == (0, 16)
 
 
 def test_custom_ops_opcheck():
-    x, w, r = make((3, 40), torch.float32, seed=8, residual=True)
-    torch.library.opcheck(rms_module.rms_norm_fwd_op, (x, w, EPS, r))
-    torch.library.opcheck(rms_module.rms_norm_fwd_op, (x, w, EPS, None))
-    y, summed, rstd = rms_module.rms_norm_fwd_op(x, w, EPS, r)
-    torch.library.opcheck(rms_module.rms_norm_bwd_op, (torch.randn_like(x), summed, w, rstd, None))
+    x, w = make((3, 40), torch.float32, seed=8)
+    torch.library.opcheck(rms_module.rms_norm_fwd_op, (x, w, EPS))
+    y, rstd = rms_module.rms_norm_fwd_op(x, w, EPS)
+    torch.library.opcheck(rms_module.rms_norm_bwd_op, (torch.randn_like(x), x, w, rstd))
 
 
 def test_torch_compile_traces_custom_op(monkeypatch):
     """torch.compile (aot_eager: no C++ toolchain needed) sees the op through its fake impl."""
     monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
-    x, w, r = make((2, 64), torch.float32, seed=9, residual=True)
-    compiled = torch.compile(lambda x, w, r: rms_norm(x, w, EPS, r), backend="aot_eager", fullgraph=True)
-    y, s = compiled(x, w, r)
-    y_ref, s_ref = rms_norm_reference(x, w, EPS, r)
-    assert max_err(y, y_ref) < 1e-5 and torch.equal(s, s_ref)
+    x, w = make((2, 64), torch.float32, seed=9)
+    compiled = torch.compile(lambda x, w: rms_norm(x, w, EPS), backend="aot_eager", fullgraph=True)
+    assert max_err(compiled(x, w), rms_norm_reference(x, w, EPS)) < 1e-5
 
 
 # ------------------------------------------------------------------------------ dispatch rules
@@ -183,7 +161,7 @@ def spy(monkeypatch):
 def test_dispatch_env_on_cpu(monkeypatch, mode, expect_kernel):
     monkeypatch.setenv(kernels.KERNELS_ENV, mode)
     calls = spy(monkeypatch)
-    x, w, _ = make((2, 32), torch.float32)
+    x, w = make((2, 32), torch.float32)
     y = rms_norm(x, w, EPS)
     assert bool(calls) == expect_kernel
     assert kernels.use_triton(x) == expect_kernel
