@@ -1,4 +1,5 @@
-"""KV cache for the decoder: preallocated, and a rolling buffer under a sliding window.
+"""KV cache for the decoder: preallocated, and a rolling buffer under a sliding window (the
+"rolling buffer cache" of Mistral 7B, Jiang et al., arXiv:2310.06825, §2).
 
 Every sequence of a batch shares one token clock: token t of the (left-padded) batch is token t
 of each row. The cache keeps, per layer, K (after RoPE) and V in buffers [B, Hkv, S, D]:

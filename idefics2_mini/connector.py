@@ -1,5 +1,11 @@
 """Connector: vision features -> 64 decoder-width tokens per image.
 
+Follows Idefics2 (Laurençon et al., "What matters when building vision-language models?",
+arXiv:2405.02246): a modality projection, then a perceiver resampler (Jaegle et al., Perceiver,
+arXiv:2103.03206; as a resampler in Flamingo, Alayrac et al., arXiv:2204.14198) whose attention
+is grouped-query (Ainslie et al., arXiv:2305.13245) with RMSNorm; the reference implementation
+is transformers' `Idefics2Connector`.
+
 1. modality projection: SwiGLU 1152 -> 14336 -> 4096, applied to every patch;
 2. perceiver resampler: 64 learned latents attend (GQA 16 q-heads / 4 kv-heads × 96) over
    [projected patches ; latents] for 3 layers, then a final RMSNorm. The patches are the fixed

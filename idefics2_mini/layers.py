@@ -23,7 +23,9 @@ def embedding(num_embeddings: int, width: int, padding_idx: int | None = None) -
 
 
 class RMSNorm(nn.Module):
-    """y = weight * x / sqrt(mean(x²) + eps); statistics in fp32, cast back, then × weight.
+    """y = weight * x / sqrt(mean(x²) + eps); statistics in fp32, cast back, then × weight
+    (Zhang and Sennrich, "Root Mean Square Layer Normalization", arXiv:1910.07467; the cast
+    order is Mistral's and Idefics2's).
 
     Runs `kernels.rms_norm` (Triton on CUDA, the torch reference elsewhere).
     """

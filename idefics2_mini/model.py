@@ -1,5 +1,9 @@
 """Idefics2: vision tower -> connector -> image tokens spliced into the decoder's input.
 
+Follows Laurençon et al., "What matters when building vision-language models?" (2024,
+arXiv:2405.02246) and the released HuggingFaceM4/idefics2-8b; the reference implementation is
+transformers' `Idefics2ForConditionalGeneration`.
+
     pixel_values [B, N, 3, H, W] ─ drop all-zero padding images ─► [I, 3, H, W]
         ─► vision (patch mask from pixel mask) ─► [I, L, 1152]
         ─► connector ─► image features [I, 64, 4096]
@@ -269,8 +273,11 @@ class Idefics2(nn.Module):
                 f"{max_tokens} tokens (prompt + new) exceed the model's maximum of "
                 f"{text.max_position_embeddings} positions (text_config.max_position_embeddings)"
             )
+        # The attention modules' own kv head count: a tensor-parallel rank holds a slice of the
+        # heads (distributed.py), and its cache only those.
         return KVCache(
-            num_layers=text.num_hidden_layers, batch_size=batch_size, num_kv_heads=text.num_key_value_heads,
+            num_layers=text.num_hidden_layers, batch_size=batch_size,
+            num_kv_heads=self.text.layers[0].self_attn.num_kv_heads,
             head_dim=text.head_dim, max_tokens=max_tokens, sliding_window=text.sliding_window,
             dtype=self.dtype, device=self.device,
         )

@@ -1,4 +1,6 @@
-"""NaViT "Patch n' Pack": the patches of every image of a batch on one axis, no padding.
+"""NaViT "Patch n' Pack": the patches of every image of a batch on one axis, no padding
+(Dehghani et al., arXiv:2307.06304; the variable-length attention layout of FlashAttention's
+`varlen` functions, cumulative sequence lengths).
 
 The reference pads every image to the batch's largest H×W and masks the padding, so one
 980×980 photo next to three 378×378 ones costs four 980×980 images of compute. Packed, the

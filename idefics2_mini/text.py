@@ -1,5 +1,10 @@
 """Text decoder: Mistral-7B (RMSNorm, half-split RoPE, GQA with a causal sliding window, SwiGLU).
 
+Follows Mistral 7B (Jiang et al., arXiv:2310.06825): rotary position embedding (Su et al.,
+RoFormer, arXiv:2104.09864) in the half-split layout of the Llama/Mistral checkpoints,
+grouped-query attention (Ainslie et al., arXiv:2305.13245), a sliding attention window, SwiGLU
+and RMSNorm (layers.py); the reference implementation is transformers' `MistralModel`.
+
 Attention mask rule (the reference's): query token i sees key token j when
 i - W < j <= i (W = sliding window, counted in tokens of the padded batch) and j is not padding.
 """

@@ -1,5 +1,9 @@
 """The Idefics2 tokenizer: Mistral-7B-v0.1 SentencePiece plus three added tokens.
 
+Follows SentencePiece (Kudo and Richardson, arXiv:1808.06226) as the released model was trained
+with it: the official tokenizer files of HuggingFaceM4/idefics2-8b, read by transformers'
+"legacy" Llama tokenizer (the reference in tests/test_tokenizer.py).
+
 Vocabulary (32003 ids; the special tokens' text and ids are in tokens.py):
 
     0 ... 31999   SentencePiece pieces (0 <unk>, 1 <s>, 2 </s>, 3..258 byte fallback <0x00>..<0xFF>)

@@ -1,5 +1,12 @@
 """Vision tower: SigLIP ViT with NaViT-style positions for images of any aspect ratio.
 
+Follows: SigLIP-so400m (Zhai et al., "Sigmoid Loss for Language Image Pre-Training", 2023,
+arXiv:2303.15343; the shape-optimised "so400m" of Alabdulmohsin et al., arXiv:2305.13035), a
+pre-LayerNorm ViT (Dosovitskiy et al., arXiv:2010.11929) with GELU (tanh) MLPs; positions as in
+NaViT (Dehghani et al., "Patch n' Pack", arXiv:2307.06304), as Idefics2 adapted them (Laurençon
+et al., arXiv:2405.02246, §3); the reference implementation is transformers'
+`Idefics2VisionTransformer`.
+
 Each image arrives padded to the batch's largest H×W; `patch_attention_mask` says which
 14×14 patches are real. A real patch gets a position id on the 70×70 table by bucketing its
 *fractional* coordinate within its own image's patch grid, so a 378×980 image spreads its

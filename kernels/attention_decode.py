@@ -4,11 +4,13 @@ The cache may be a rolling buffer (sliding-window decoder): slots hold keys in a
 softmax does not care about order, so the kernel only needs to know *which* slots are valid:
 slots [0, cache_seqlens[b]) of sequence b, minus those where `key_mask` is False (left padding).
 
-The Triton path is flash-decoding: one query per sequence is too little work for one program
-per (sequence, head) to fill a GPU when the batch is small, so the key axis is split into
-chunks processed by separate programs (`_decode_split_kernel`), each producing a partial
-softmax (its log-sum-exp and normalised partial output), and a second small kernel
-(`_decode_reduce_kernel`) merges the partials. All query heads of one kv head (the GQA group)
+The Triton path is Flash-Decoding (Dao, Haziza, Massa and Sizov, "Flash-Decoding for
+long-context inference", PyTorch blog, 2023), on the online softmax of FlashAttention (Dao et
+al., arXiv:2205.14135; Milakov and Gimelshein, arXiv:1805.02867). One query per sequence is
+too little work for one program per (sequence, head) to fill a GPU when the batch is small, so
+the key axis is split into chunks processed by separate programs (`_decode_split_kernel`), each
+producing a partial softmax (its log-sum-exp and normalised partial output), and a second small
+kernel (`_decode_reduce_kernel`) merges the partials. All query heads of one kv head (the GQA group)
 share a program, so each K/V byte is read from memory once. Registered as the custom op
 `idefics2_mini::attention_decode_fwd`; forward only (a gradient request uses the reference).
 """

@@ -1,4 +1,4 @@
-"""RMSNorm: y = weight * (x / sqrt(mean(x^2) + eps)).
+"""RMSNorm: y = weight * (x / sqrt(mean(x^2) + eps)) (Zhang and Sennrich, arXiv:1910.07467).
 
 Cast order is the model's (Mistral / Idefics2): statistics in fp32, the normalised value cast
 back to the input dtype, *then* multiplied by the weight.

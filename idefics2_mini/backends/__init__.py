@@ -1,4 +1,5 @@
-"""Speed for inference, applied to a model from outside; the model files hold only the math.
+"""Speed for inference, applied to a model from outside; the model files hold only the math
+(the way gpt-fast applies quantization: functions that swap or wrap modules).
 
 `Idefics2(config)` is the plain model: nn.Linear layers, every projection its own matmul, eager
 decode; it trains with autograd like any nn.Module. `Idefics2.from_pretrained` applies

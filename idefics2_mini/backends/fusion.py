@@ -1,4 +1,6 @@
-"""Fused projections: linears that read the same input (q/k/v, gate/up) served by one matmul.
+"""Fused projections: linears that read the same input (q/k/v, gate/up) served by one matmul,
+as gpt-fast's `wqkv` and vLLM's merged column-parallel linears do, but keeping the checkpoint's
+separate modules and names.
 
 The model computes each projection with its own nn.Linear, through one method per group:
 
