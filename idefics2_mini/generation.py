@@ -4,9 +4,9 @@
     repeat: pick next token (greedy or sampled) -> model(next token, cache) -> logits
 
 Per step the loop does the decoder forward, the token choice and one host sync (the stop
-check). Sampling follows the reference's `generate`: temperature, then top-k (Fan et al.,
-arXiv:1805.04833), then top-p (nucleus sampling, Holtzman et al., arXiv:1904.09751). Sequences that finished keep receiving the pad token until all have finished, like the
-reference's `generate`.
+check). Sequences that finished keep receiving the pad token until all have finished, like the
+reference's `generate`. Sampling filters in the reference's order: temperature, then top-k (Fan
+et al., arXiv:1805.04833), then top-p (nucleus sampling, Holtzman et al., arXiv:1904.09751).
 """
 
 from __future__ import annotations
