@@ -323,11 +323,14 @@ def attention_triton(q, k, v, *, causal=False, window=None, key_padding_mask=Non
     kpm = None
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(device=q.device, dtype=torch.bool).contiguous().view(torch.uint8)
+    # Inference launches pass lse strides 0: a constant, so they add no compiled variants
+    # (Triton specialises integer arguments on their value's divisibility).
     strides = {
         "q_heads": q_heads, "kv_heads": kv_heads, "has_kpm": kpm is not None,
         "values": (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-                   out.stride(2), kpm.stride(0) if kpm is not None else 0, q_heads * q_len, q_len),
+                   out.stride(2), kpm.stride(0) if kpm is not None else 0,
+                   *((lse.stride(0), lse.stride(1)) if return_lse else (0, 0))),
     }
     # Unused pointer arguments get q (never dereferenced: their constexpr flag is off).
     kpm_arg = kpm if kpm is not None else q
@@ -366,7 +369,8 @@ def attention_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q
     strides = {
         "q_heads": q_heads, "kv_heads": kv_heads, "has_kpm": False,
         "values": (0, q.stride(1), q.stride(0), 0, k.stride(1), k.stride(0),
-                   0, v.stride(1), v.stride(0), 0, out.stride(1), out.stride(0), 0, 0, q.shape[0]),
+                   0, v.stride(1), v.stride(0), 0, out.stride(1), out.stride(0), 0,
+                   0, lse.stride(0) if return_lse else 0),
     }
     _launch(q, k, v, out, q, cu_q, cu_k, lse, strides, 0, 0, max_seqlen_q, batch,
             varlen=True, causal=causal, window=window, scale=scale, head_dim=head_dim,
