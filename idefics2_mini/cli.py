@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compile the decode step with torch.compile: faster tokens after a one-time "
                         "compile of ~10-30 s (on a CPU it needs a C++ compiler)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no timings")
+    parser.add_argument("--tp", type=int, default=None, metavar="N",
+                        help="tensor parallel over N processes (decoder split by heads); launch with "
+                        "torchrun --nproc-per-node N -m idefics2_mini --tp N ...")
     return parser
 
 
@@ -152,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # a --tp run (or a distributed finetune)
 
 
 def _one_line(err: BaseException) -> str:
@@ -177,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read().strip() if args.prompt == "-" else args.prompt
     if not args.chat and not prompt:
         raise CLIError('give a prompt, e.g. python -m idefics2_mini --image cat.png "What is this?", or use --chat')
+    tp_group = _start_tensor_parallel(args) if args.tp is not None else None
     device, dtype = _device_and_dtype(args)
     err = sys.stderr
 
@@ -196,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         check_first_turn(first_turn.tokens, options.max_new_tokens, max_positions)
 
     start = time.perf_counter()
-    model = _load(weights, dtype, device, quiet=args.quiet)
+    model = _load(weights, dtype, device, quiet=args.quiet, tp_group=tp_group)
     load_seconds = time.perf_counter() - start
     if args.compile:
         from . import backends  # noqa: PLC0415
@@ -279,8 +286,24 @@ def _chat(conversation, first_turn: _PendingTurn | None, pending_images: list, q
         turn = None
 
 
+def _start_tensor_parallel(args: argparse.Namespace):
+    """Join torchrun's process group for --tp; every rank runs the same question, rank 0 alone
+    writes (the others' output goes nowhere: they compute the same tokens)."""
+    from .distributed import init_distributed  # noqa: PLC0415
+
+    if args.chat:
+        raise CLIError("--tp answers one question per run; --chat is not supported with it")
+    if args.compile:
+        raise CLIError("--tp and --compile do not go together (the all-reduces are not compiled)")
+    group = init_distributed(args.tp)
+    if torch.distributed.get_rank(group) != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (for the process's lifetime)
+    return group
+
+
 def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    default_cuda = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.tp is not None else "cuda"
+    name = args.device or (default_cuda if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -318,8 +341,13 @@ def _demo_notice(path: Path) -> str:
     return demo.NOISE_NOTICE.format(path=path, official=demo.weights_root() / demo.OFFICIAL_DIRNAME)
 
 
-def _load(weights: Path, dtype: torch.dtype, device: torch.device, quiet: bool):
+def _load(weights: Path, dtype: torch.dtype, device: torch.device, quiet: bool, tp_group=None):
     from .model import Idefics2  # noqa: PLC0415
+
+    if tp_group is not None:
+        from .distributed import load_tensor_parallel  # noqa: PLC0415
+
+        return load_tensor_parallel(weights, tp_group, dtype, device)
 
     bar = ProgressBar(sys.stderr, f"loading {weights}", enabled=not quiet)
     model = Idefics2.from_pretrained(weights, dtype=dtype, device=device, progress=bar)

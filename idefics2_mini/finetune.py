@@ -27,6 +27,7 @@ What --out receives (each file written next to its place, then renamed over it):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -209,7 +210,9 @@ def finetune(options: FinetuneOptions, log: TextIO = sys.stderr) -> FinetuneResu
     from .processor import Idefics2Processor  # noqa: PLC0415
 
     opts = options.resolved()
-    say = (lambda message: None) if opts.quiet else (lambda message: print(message, file=log, flush=True))
+    ranks = Ranks.join()
+    quiet = opts.quiet or not ranks.main
+    say = (lambda message: None) if quiet else (lambda message: print(message, file=log, flush=True))
     if opts.weights is None:
         weights, _ = ensure_demo_checkpoint()
         say(f"demo: the tiny random checkpoint {weights} (pass --weights for a real one)")
@@ -232,6 +235,8 @@ def finetune(options: FinetuneOptions, log: TextIO = sys.stderr) -> FinetuneResu
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / STATE_FILE
+    if opts.resume and ranks.world > 1:
+        raise FinetuneError("--resume runs on one process (the saved state holds whole tensors): resume without torchrun")
     if opts.resume and not state_file.is_file():
         raise FinetuneError(f"--resume: {state_file} not found (nothing to resume in {out})")
     if not opts.resume and state_file.is_file():
@@ -253,6 +258,11 @@ def finetune(options: FinetuneOptions, log: TextIO = sys.stderr) -> FinetuneResu
     trainable, total = parameter_counts(model)
     say(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     model.train()
+    if ranks.world > 1:
+        from .distributed import shard_for_training  # noqa: PLC0415
+
+        shard_for_training(model)
+        say(f"FSDP2 over {ranks.world} processes: each micro-batch's examples dealt out to the ranks")
 
     step_fn = OptimizerStep(trainable_parameters(model), lr=opts.lr, weight_decay=opts.weight_decay)
     micro_per_epoch = math.ceil(len(examples) / opts.batch_size)
@@ -262,43 +272,49 @@ def finetune(options: FinetuneOptions, log: TextIO = sys.stderr) -> FinetuneResu
         start_step = _load_state(state_file, step_fn, total_steps)
         say(f"resuming at step {start_step} of {total_steps}")
     metrics = _read_metrics(out / METRICS_FILE, up_to_step=start_step)
-    _write_lines(out / METRICS_FILE, metrics)
+    if ranks.main:
+        _write_lines(out / METRICS_FILE, metrics)
 
-    progress = TrainingProgress(log, total_steps, enabled=not opts.quiet)
+    progress = TrainingProgress(log, total_steps, enabled=not quiet)
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         step_fn.lr = learning_rate(step, total_steps, opts.lr, opts.warmup_steps, opts.lr_schedule)
-        batches = [
-            processor.training_batch(
-                [e.messages for e in chunk], [e.images for e in chunk], max_length=opts.max_length
-            )
-            for chunk in _micro_batches(examples, opts, step)
-        ]
-        counted = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        batches, weights_of_batches = [], []
+        for chunk in _micro_batches(examples, opts, step):
+            mine, weight = ranks.deal(chunk)
+            batches.append(processor.training_batch(
+                [e.messages for e in mine], [e.images for e in mine], max_length=opts.max_length))
+            weights_of_batches.append(weight)
+        # Every counted token of the whole step weighs the same: the divisor is the count over
+        # all micro-batches (and all ranks).
+        counted = int(ranks.sum(sum(w * int((b["labels"][:, 1:] != -100).sum())
+                                    for b, w in zip(batches, weights_of_batches))))
         loss_sum = 0.0
-        for batch in batches:
+        for batch, weight in zip(batches, weights_of_batches):
             labels = batch.pop("labels")
             out_step = model(**batch, labels=labels, num_counted=counted, keep_logits=False)
-            out_step.loss.backward()
-            loss_sum += out_step.loss.item()
+            (out_step.loss * weight).backward()
+            loss_sum += weight * out_step.loss.item()
         step_fn.step()
         seconds = time.perf_counter() - started
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        record = {"step": step + 1, "loss": loss_sum, "lr": step_fn.lr, "tokens_per_s": tokens / seconds}
+        tokens = ranks.sum(sum(w * int(b["attention_mask"].sum()) for b, w in zip(batches, weights_of_batches)))
+        record = {"step": step + 1, "loss": ranks.sum(loss_sum), "lr": step_fn.lr, "tokens_per_s": tokens / seconds}
         metrics.append(record)
-        with open(out / METRICS_FILE, "a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
+        if ranks.main:
+            with open(out / METRICS_FILE, "a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
         progress.update(record)
         last = step + 1 == total_steps
         if last or (opts.save_every and (step + 1) % opts.save_every == 0):
-            _save(model, step_fn, opts, weights, out, step + 1, metrics)
+            _save(model, step_fn, opts, weights, out, step + 1, metrics, ranks)
     progress.close()
     if start_step >= total_steps:
         say(f"nothing to do: the run in {out} already reached step {total_steps}")
     merged = None
     if opts.merge:
-        merged = _write_merged(model, weights, out / "merged")
+        merged = _write_merged(model, weights, out / "merged", ranks)
         say(f"merged checkpoint: {merged}")
+    ranks.barrier()  # every file is written before any rank returns
     say(f"saved to {out}")
     return FinetuneResult(out, total_steps, [m["loss"] for m in metrics], merged)
 
@@ -318,15 +334,19 @@ def _micro_batches(examples: list[Example], opts: FinetuneOptions, step: int) ->
 
 
 def _save(model, step_fn: OptimizerStep, opts: FinetuneOptions, weights: Path, out: Path, step: int,
-          metrics: list[dict]) -> None:
+          metrics: list[dict], ranks: Ranks) -> None:
     from .loading import save_checkpoint  # noqa: PLC0415
 
-    if opts.lora_rank > 0:
-        lora.save_adapter(model, out)
-    else:
-        save_checkpoint(model, out)
-        _copy_extras(weights, out)
-    state = {"step": step, "rng": torch.get_rng_state(), **step_fn.state_dict()}
+    with ranks.whole_parameters(model):
+        if ranks.main:
+            if opts.lora_rank > 0:
+                lora.save_adapter(model, out)
+            else:
+                save_checkpoint(model, out)
+                _copy_extras(weights, out)
+    state = {"step": step, "rng": torch.get_rng_state(), **ranks.whole_tensors(step_fn.state_dict())}
+    if not ranks.main:
+        return
     write_atomically(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
     if metrics:
         steps = [m["step"] for m in metrics]
@@ -345,16 +365,72 @@ def _load_state(state_file: Path, step_fn: OptimizerStep, total_steps: int) -> i
     return min(int(state["step"]), total_steps)
 
 
-def _write_merged(model, weights: Path, folder: Path) -> Path:
+def _write_merged(model, weights: Path, folder: Path, ranks: Ranks) -> Path:
     """A full checkpoint in the official layout, the adapters folded into the weights; the
     model keeps its adapters (unmerged) afterwards."""
     from .loading import save_checkpoint  # noqa: PLC0415
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with lora.merged_into_base(model):
-        save_checkpoint(model, folder)
-    _copy_extras(weights, folder)
+    with ranks.whole_parameters(model):
+        if ranks.main:
+            folder.mkdir(parents=True, exist_ok=True)
+            with lora.merged_into_base(model):
+                save_checkpoint(model, folder)
+            _copy_extras(weights, folder)
     return folder
+
+
+@dataclass
+class Ranks:
+    """The processes of a run: one (rank 0 of 1), or torchrun's. Rank 0 writes every file."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def join(cls) -> Ranks:
+        from .distributed import init_distributed, launched_by_torchrun  # noqa: PLC0415
+
+        if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+            return cls()
+        group = init_distributed()
+        return cls(torch.distributed.get_rank(group), torch.distributed.get_world_size(group))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def deal(self, chunk: list[Example]) -> tuple[list[Example], float]:
+        """This rank's examples of a micro-batch (every world-th one) and their weight. A rank
+        left without one still runs (FSDP's collectives need every rank) on a copy weighted 0."""
+        mine = chunk[self.rank :: self.world]
+        return (mine, 1.0) if mine else (chunk[:1], 0.0)
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        total = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        return float(total.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def whole_parameters(self, model):
+        """Context: FSDP-sharded parameters gathered whole (on every rank) for saving."""
+        if self.world == 1:
+            return contextlib.nullcontext(model)
+        from .distributed import gathered_for_saving  # noqa: PLC0415
+
+        return gathered_for_saving(model)
+
+    def whole_tensors(self, value):
+        """`value` (nested dicts/lists) with every sharded tensor gathered whole."""
+        if isinstance(value, dict):
+            return {k: self.whole_tensors(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.whole_tensors(v) for v in value)
+        return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def _copy_extras(weights: Path, folder: Path) -> None:

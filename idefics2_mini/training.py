@@ -134,7 +134,8 @@ class OptimizerStep:
                 p.grad = None
         grads = [m for m in self.master.values() if m.grad is not None]
         if self.clip_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(grads, self.clip_norm))
+            norm = torch.nn.utils.clip_grad_norm_(grads, self.clip_norm)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         else:
             norm = float(torch.linalg.vector_norm(torch.stack([g.grad.norm() for g in grads]))) if grads else 0.0
         self.optimizer.step()
