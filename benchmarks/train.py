@@ -72,12 +72,12 @@ def config_for(name: str):
     raise KeyError(name)
 
 
-def build_checkpoint(name: str, path: Path) -> None:
+def build_checkpoint(name: str, path: Path, config=None) -> None:
     """Random weights (normal, 1/sqrt(fan-in)) in the official layout, built once; a marker
     holding the config says the build finished."""
     import idefics2_mini as im  # noqa: PLC0415
 
-    config = config_for(name)
+    config = config or config_for(name)
     marker = json.dumps(config.to_dict(), sort_keys=True)
     if (path / "BUILT").is_file() and (path / "BUILT").read_text() == marker:
         return

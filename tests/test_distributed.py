@@ -133,3 +133,18 @@ def test_missing_shard_file_is_named(checkpoint, tmp_path):
             distributed.load_tensor_parallel(tmp_path)
     finally:
         dist.destroy_process_group()
+
+
+def test_distributed_benchmark_smoke(tmp_path):
+    """benchmarks/distributed.py on the tiny model: TP 1 and 2 give the same tokens, and a rank
+    of TP 2 holds fewer decoder bytes than TP 1's process."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.distributed", "--model", "tiny", "--new-tokens", "4", "--repeats", "1",
+         "--weights-dir", str(tmp_path), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=TESTS.parent, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "distributed-tiny.json").read_text())["rows"]
+    one, two = rows["1"][0], rows["2"]
+    assert all(rank["tokens"] == one["tokens"] for rank in two)
+    assert all(rank["decoder_weight_bytes"] * 2 == one["decoder_weight_bytes"] for rank in two)
+    assert two[0]["all_reduces_per_generate"] > 0
