@@ -23,7 +23,7 @@ from torch import nn
 import kernels
 
 from .config import Idefics2Config, PerceiverConfig
-from .layers import RMSNorm, SwiGLU
+from .layers import RMSNorm, SwiGLU, eager_attention
 from .packing import PackedImages
 
 
@@ -74,10 +74,17 @@ class PerceiverAttention(nn.Module):
         context: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
         packing: PerceiverPacking | None = None,
+        attentions_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Padded: latents [N, n_latents, C], context [N, L, C], key_padding_mask [N, L + n_latents]
-        bool -> [N, n_latents, C]. Packed: latents [I*n, C], context [P, C] -> [I*n, C]."""
+        bool -> [N, n_latents, C]. Packed: latents [I*n, C], context [P, C] -> [I*n, C].
+
+        If `attentions_out` is a list (padded layout only), attention runs as written-out math
+        (`layers.eager_attention`) and its probabilities [N, heads, n_latents, L + n_latents] are
+        appended: keys are the L patches then the n latents, padded patches' columns zero."""
         if packing is not None:
+            if attentions_out is not None:
+                raise ValueError("attention probabilities are computed in the padded layout; run the images padded")
             keys_in = torch.cat([context, latents]).index_select(0, packing.key_order)
             k, v = self.project_kv(keys_in)
             q = self.q_proj(latents).view(latents.shape[0], self.num_heads, self.head_dim)
@@ -95,7 +102,12 @@ class PerceiverAttention(nn.Module):
         q = self.q_proj(latents).view(num_images, num_latents, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(num_images, num_keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(num_images, num_keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=self.head_dim**-0.5)
+        if attentions_out is None:
+            out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=self.head_dim**-0.5)
+        else:
+            visible = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # [N, 1, 1, L + n]
+            out, probs = eager_attention(q, k, v, visible, self.head_dim**-0.5)
+            attentions_out.append(probs)
         return self.o_proj(out.transpose(1, 2).reshape(num_images, num_latents, -1))
 
     def project_kv(self, keys_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,11 +126,13 @@ class PerceiverLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(width, eps)
         self.mlp = SwiGLU(width, 4 * width, width)
 
-    def forward(self, latents, context, key_padding_mask=None, packing: PerceiverPacking | None = None):
+    def forward(self, latents, context, key_padding_mask=None, packing: PerceiverPacking | None = None,
+                attentions_out=None):
         """latents [N, n_latents, C], context [N, L, C] -> latents [N, n_latents, C]
         (packed: latents [I*n, C], context [P, C] -> [I*n, C])."""
         latents = latents + self.self_attn(
-            self.input_latents_norm(latents), self.input_context_norm(context), key_padding_mask, packing
+            self.input_latents_norm(latents), self.input_context_norm(context), key_padding_mask, packing,
+            attentions_out,
         )
         return latents + self.mlp(self.post_attention_layernorm(latents))
 
@@ -130,8 +144,11 @@ class PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList(PerceiverLayer(config) for _ in range(config.resampler_depth))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
-        """context [N, L, C], context_mask [N, L] bool (True = real patch) -> [N, n_latents, C]."""
+    def forward(
+        self, context: torch.Tensor, context_mask: torch.Tensor | None, attentions_out: list | None = None
+    ) -> torch.Tensor:
+        """context [N, L, C], context_mask [N, L] bool (True = real patch) -> [N, n_latents, C];
+        `attentions_out`: see `PerceiverAttention.forward`."""
         num_images = context.shape[0]
         latents = self.latents[None].expand(num_images, -1, -1)
         key_padding_mask = None
@@ -139,7 +156,7 @@ class PerceiverResampler(nn.Module):
             latent_mask = context_mask.new_ones(num_images, latents.shape[1])
             key_padding_mask = torch.cat([context_mask.to(torch.bool), latent_mask.to(torch.bool)], dim=1)
         for layer in self.layers:
-            latents = layer(latents, context, key_padding_mask)
+            latents = layer(latents, context, key_padding_mask, None, attentions_out)
         return self.norm(latents)
 
     def forward_packed(self, context: torch.Tensor, packed: PackedImages) -> torch.Tensor:
@@ -160,9 +177,12 @@ class Connector(nn.Module):
         )
         self.perceiver_resampler = PerceiverResampler(config.perceiver)
 
-    def forward(self, vision_features: torch.Tensor, patch_mask: torch.Tensor | None) -> torch.Tensor:
-        """vision_features [N, L, vision width], patch_mask [N, L] bool -> [N, n_latents, text width]."""
-        return self.perceiver_resampler(self.modality_projection(vision_features), patch_mask)
+    def forward(
+        self, vision_features: torch.Tensor, patch_mask: torch.Tensor | None, attentions_out: list | None = None
+    ) -> torch.Tensor:
+        """vision_features [N, L, vision width], patch_mask [N, L] bool -> [N, n_latents, text width];
+        `attentions_out`: the perceiver's attention probabilities (`PerceiverAttention.forward`)."""
+        return self.perceiver_resampler(self.modality_projection(vision_features), patch_mask, attentions_out)
 
     def forward_packed(self, vision_features: torch.Tensor, packed: PackedImages) -> torch.Tensor:
         """vision_features [P, vision width] (packed) -> [I, n_latents, text width]."""

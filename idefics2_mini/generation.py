@@ -141,6 +141,18 @@ class GenerationState:
         return self.tokens[:, self.cache.num_tokens :]
 
 
+@dataclass
+class GenerateOutput:
+    """What `generate(..., output_attentions=...)` returns: the tokens and each model call's
+    attention probabilities (see `Idefics2Output`). steps[0] is the prompt's forward (vision,
+    perceiver and decoder maps, text [B, heads, T, T]); steps[s] for s >= 1 is the decode step
+    that produced new token s: its text_attentions are [B, heads, 1, T + s] per layer, over
+    every token so far (keys outside the sliding window zero)."""
+
+    sequences: torch.Tensor  # [B, T + new], as generate returns without attentions
+    steps: list  # of Idefics2Output, one per model call (len = number of new tokens)
+
+
 def start_conversation(model, max_total_tokens: int, batch_size: int = 1) -> GenerationState:
     """A conversation whose turns together hold at most `max_total_tokens` tokens."""
     cache = model.new_cache(batch_size, max_total_tokens)
@@ -167,7 +179,8 @@ def generate(
     seed: int | None = None,
     streamer: TokenCallback | None = None,
     state: GenerationState | None = None,
-) -> torch.Tensor:
+    output_attentions: bool | Sequence[str] = False,
+) -> torch.Tensor | GenerateOutput:
     """Generate up to `max_new_tokens` tokens after the prompt.
 
     input_ids [B, T] (left-padded), attention_mask [B, T], pixel_values [B, N, 3, H, W],
@@ -180,6 +193,10 @@ def generate(
     step's tokens. To continue a conversation, pass the same `state` (from `start_conversation`)
     on every turn: the prompt is then the tokens the cache has not seen yet (see
     `GenerationState.unseen`) plus the new turn, and the cache keeps everything before it.
+
+    `output_attentions` (True, or parts as in `Idefics2.forward`) returns a `GenerateOutput`
+    with every step's attention probabilities; those steps run through `model.forward` with the
+    attention written out instead of `decode_step` (the same cache, the same tokens).
     """
     options = SamplingOptions(do_sample, temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -215,9 +232,15 @@ def generate(
 
     eos = torch.tensor(eos_ids, dtype=torch.long, device=model.device)
     history = torch.cat([state.tokens[:, : state.cache.num_tokens], input_ids], dim=1)  # what the cache will hold
+    steps = []  # with output_attentions: each model call's Idefics2Output
     logits = model(
-        input_ids, attention_mask, pixel_values, pixel_attention_mask, cache=state.cache, last_token_only=True
-    )[:, -1]
+        input_ids, attention_mask, pixel_values, pixel_attention_mask, cache=state.cache, last_token_only=True,
+        **({"output_attentions": output_attentions} if output_attentions else {}),
+    )
+    if output_attentions:
+        steps.append(logits)
+        logits = logits.logits
+    logits = logits[:, -1]
     new_tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=model.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     banned = BannedTokens(bad_words, model.device)
@@ -236,10 +259,16 @@ def generate(
         if step == max_new_tokens - 1 or num_finished == batch:
             new_tokens = new_tokens[:, : step + 1]
             break
-        logits = model.decode_step(next_token[:, None], state.cache)
+        if output_attentions:
+            steps.append(model(next_token[:, None], cache=state.cache, last_token_only=True,
+                               output_attentions=output_attentions))
+            logits = steps[-1].logits[:, -1]
+        else:
+            logits = model.decode_step(next_token[:, None], state.cache)
     # The last token chosen is not in the cache yet; a next turn starts by feeding it.
     state.tokens = torch.cat([history, new_tokens], dim=1)
-    return torch.cat([input_ids, new_tokens], dim=1)
+    sequences = torch.cat([input_ids, new_tokens], dim=1)
+    return GenerateOutput(sequences, steps) if output_attentions else sequences
 
 
 def stream_text(model, tokenizer, batch: dict[str, torch.Tensor], **generate_kwargs) -> Iterator[str]:

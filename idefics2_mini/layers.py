@@ -65,3 +65,29 @@ class SwiGLU(nn.Module):
         """gate_proj(x), up_proj(x); one method so that a backend can serve both with one
         matmul (backends/fusion.py)."""
         return self.gate_proj(x), self.up_proj(x)
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, for reading and for its probabilities (`output_attentions`):
+
+        probs = softmax(q·kᵀ · scale, with the keys a query may not see set to -inf)
+        out   = probs · v
+
+    q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D], Hq a multiple of Hkv (grouped-query attention:
+    query head h reads kv head h // (Hq / Hkv)); visible [B or 1, 1, Lq, Lk] bool or None (all).
+    Returns out [B, Hq, Lq, D] and probs [B, Hq, Lq, Lk], both in q's dtype, the softmax taken
+    in fp32 as the reference's eager attention does. A query that sees no key gets all-zero
+    probabilities and a zero output.
+
+    Only the model's `output_attentions` path runs this; the default path runs `kernels.attention`,
+    which never materialises the [Lq, Lk] matrix."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # [B, Hq, Lk, D]
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.float().softmax(dim=-1).nan_to_num(0.0).to(q.dtype)  # a row of only -inf -> NaN -> 0
+    return torch.matmul(probs, v), probs

@@ -13,7 +13,7 @@ transformers' `Idefics2ForConditionalGeneration`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,10 @@ from .loading import load_weights
 from .loss import IGNORE_INDEX, cross_entropy, shift_labels
 from .packing import PackedImages, pack_images, pack_padded
 from .text import TextDecoder
-from .vision import VisionTransformer, patch_mask_from_pixel_mask
+from .vision import VisionTransformer, patch_mask_from_pixel_mask, patch_token_grid
+
+# What `forward(output_attentions=...)` can return: True means all three.
+ATTENTION_PARTS = ("vision", "perceiver", "text")
 
 
 class InputError(ValueError):
@@ -38,13 +41,27 @@ class InputError(ValueError):
 
 @dataclass
 class Idefics2Output:
-    """What `forward` returns with `labels` (training) or `output_hidden_states=True` (research)."""
+    """What `forward` returns with `labels` (training), `output_hidden_states=True` or
+    `output_attentions=...` (research).
+
+    Attention probabilities (softmax(q·kᵀ/√d + mask), the reference's eager layout and order;
+    probabilities of padding queries and keys are zero). L = the images' padded patch count
+    (R·C of the largest patch grid), token l of an image = patch (l // C, l % C): `patch_grid`."""
 
     logits: torch.Tensor | None  # [B, T, vocab]; None after forward(labels=..., keep_logits=False)
     text_hidden_states: list[torch.Tensor] = field(default_factory=list)  # layers + 1 of [B, T, C]
     vision_hidden_states: list[torch.Tensor] = field(default_factory=list)  # layers + 1 of [I, L, 1152]
     image_features: torch.Tensor | None = None  # [I, 64, C], connector output
     loss: torch.Tensor | None = None  # scalar, with labels: see loss.py
+    vision_attentions: list[torch.Tensor] = field(default_factory=list)  # layers of [I, heads, L, L]
+    # layers of [I, heads, 64, L + 64]: keys are the image's L patches, then the 64 latents
+    perceiver_attentions: list[torch.Tensor] = field(default_factory=list)
+    # layers of [B, heads, T, K]: K = every token so far (T, or the cache's tokens + T)
+    text_attentions: list[torch.Tensor] = field(default_factory=list)
+    patch_grid: torch.Tensor | None = None  # [I, R, C] long: token l of patch (r, c) of image i; -1 = padding
+    # [I, 2] long: (sample b, slot n in pixel_values[b]) of image i. With image splitting slot n is
+    # crop n % 5 (top-left, top-right, bottom-left, bottom-right, whole) of the sample's image n // 5.
+    image_index: torch.Tensor | None = None
 
 
 class Idefics2(nn.Module):
@@ -124,6 +141,27 @@ class Idefics2(nn.Module):
             pixel_values = pack_images(pixel_values, self.config.vision.patch_size)
         if isinstance(pixel_values, PackedImages):
             return self._packed_image_features(pixel_values.to(self.device, self.dtype), vision_hidden_states_out)
+        images, patch_mask, is_real = self._real_images(pixel_values, pixel_attention_mask)
+        if images.shape[0] == 0:
+            return images.new_zeros(0, self.config.image_seq_len, self.config.text.hidden_size)
+        batch, slots = is_real.shape
+        if self.image_layout not in ("auto", "packed", "padded"):
+            raise ValueError(f"image_layout must be 'auto', 'packed' or 'padded', got {self.image_layout!r}")
+        if self.image_layout == "packed" or (self.image_layout == "auto" and not bool(patch_mask.all())):
+            images_per_sample = is_real.view(batch, slots).sum(dim=1).tolist()
+            packed = pack_padded(images, patch_mask, images_per_sample, self.config.vision.patch_size)
+            if packed is not None:
+                return self._packed_image_features(packed, vision_hidden_states_out)
+        vision_features = self.vision(images, patch_mask, vision_hidden_states_out)
+        return self.connector(vision_features, patch_mask.flatten(1))
+
+    def _packed_image_features(self, packed: PackedImages, vision_hidden_states_out=None) -> torch.Tensor:
+        vision_features = self.vision.forward_packed(packed, vision_hidden_states_out)
+        return self.connector.forward_packed(vision_features, packed)
+
+    def _real_images(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None):
+        """Padded pixel inputs [B, N, 3, H, W] (or [N, 3, H, W]) + mask -> the real images
+        [I, 3, H, W] (model dtype), their patch mask [I, H//p, W//p] bool and is_real [B, N]."""
         if pixel_values.dim() == 4:
             pixel_values = pixel_values[None]
             pixel_attention_mask = None if pixel_attention_mask is None else pixel_attention_mask[None]
@@ -138,27 +176,37 @@ class Idefics2(nn.Module):
             pixel_mask = torch.ones(images.shape[0], height, width, dtype=torch.bool, device=images.device)
         else:
             pixel_mask = pixel_attention_mask.reshape(-1, height, width).to(images.device)[is_real]
-        if images.shape[0] == 0:
-            return images.new_zeros(0, self.config.image_seq_len, self.config.text.hidden_size)
         patch_mask = patch_mask_from_pixel_mask(pixel_mask, self.config.vision.patch_size)
         if not bool(patch_mask.flatten(1).any(dim=1).all()):
             raise InputError(
                 "an image has no complete patch: its pixel_attention_mask covers less than "
                 f"{self.config.vision.patch_size}x{self.config.vision.patch_size} pixels"
             )
-        if self.image_layout not in ("auto", "packed", "padded"):
-            raise ValueError(f"image_layout must be 'auto', 'packed' or 'padded', got {self.image_layout!r}")
-        if self.image_layout == "packed" or (self.image_layout == "auto" and not bool(patch_mask.all())):
-            images_per_sample = is_real.view(batch, slots).sum(dim=1).tolist()
-            packed = pack_padded(images, patch_mask, images_per_sample, self.config.vision.patch_size)
-            if packed is not None:
-                return self._packed_image_features(packed, vision_hidden_states_out)
-        vision_features = self.vision(images, patch_mask, vision_hidden_states_out)
-        return self.connector(vision_features, patch_mask.flatten(1))
+        return images, patch_mask, is_real.view(batch, slots)
 
-    def _packed_image_features(self, packed: PackedImages, vision_hidden_states_out=None) -> torch.Tensor:
-        vision_features = self.vision.forward_packed(packed, vision_hidden_states_out)
-        return self.connector.forward_packed(vision_features, packed)
+    def _image_features_with_attentions(self, pixel_values, pixel_attention_mask, parts, vision_hidden_states_out):
+        """`get_image_features` for `output_attentions`: always the padded layout (one patch grid
+        per image, as the reference), attention written out in the parts asked for.
+        -> (features [I, n_latents, C], vision attentions, perceiver attentions, patch_grid, image_index)."""
+        if isinstance(pixel_values, (list, tuple)):
+            pixel_values = pack_images(pixel_values, self.config.vision.patch_size)
+        if isinstance(pixel_values, PackedImages):
+            packed = pixel_values.to(self.device, self.dtype)
+            images, patch_mask = packed.to_padded()
+            image_index = torch.tensor(
+                [(b, n) for b, count in enumerate(packed.images_per_sample) for n in range(count)], dtype=torch.long
+            ).view(-1, 2)
+        else:
+            images, patch_mask, is_real = self._real_images(pixel_values, pixel_attention_mask)
+            image_index = is_real.nonzero().cpu()  # row-major: the images' batch order
+        vision_attentions = [] if "vision" in parts else None
+        perceiver_attentions = [] if "perceiver" in parts else None
+        features = images.new_zeros(0, self.config.image_seq_len, self.config.text.hidden_size)
+        if images.shape[0]:
+            vision_features = self.vision(images, patch_mask, vision_hidden_states_out, vision_attentions)
+            features = self.connector(vision_features, patch_mask.flatten(1), perceiver_attentions)
+        return (features, vision_attentions or [], perceiver_attentions or [], patch_token_grid(patch_mask),
+                image_index)
 
     def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """input_ids [B, T], image_features [I, n_latents, C] -> embeddings [B, T, C] with the
@@ -191,6 +239,7 @@ class Idefics2(nn.Module):
         image_features: torch.Tensor | None = None,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
+        output_attentions: bool | Collection[str] = False,
         last_token_only: bool = False,
         labels: torch.Tensor | None = None,
         num_counted: int | torch.Tensor | None = None,
@@ -204,6 +253,12 @@ class Idefics2(nn.Module):
         `output_hidden_states=True`. `image_features` (from `get_image_features`) may be passed
         instead of pixels; `cache` continues a KV cache (see generation.py and `decode_step`).
 
+        Research: `output_attentions=True` also returns every layer's attention probabilities
+        (vision, perceiver, decoder: see `Idefics2Output`), computed by attention written out as
+        math (`layers.eager_attention`) in the layers asked for; images then run in the padded
+        layout. A subset such as `output_attentions=("perceiver", "text")` skips the vision
+        tower's maps, which are large: 27 layers x 16 heads x L² floats per image (L = 4900 at 980²).
+
         Training: with `labels` [B, T] (-100 = not counted; see `Idefics2Processor.training_batch`)
         the output also carries `.loss`, the next-token cross-entropy of loss.py (`num_counted`
         overrides its divisor, for gradient accumulation). `keep_logits=False` runs the lm_head
@@ -216,14 +271,22 @@ class Idefics2(nn.Module):
                 f"the prompt has {input_ids.shape[1]} tokens but the model allows at most "
                 f"{self.config.text.max_position_embeddings} (text_config.max_position_embeddings)"
             )
+        parts = _attention_parts(output_attentions)
+        maps = Idefics2Output(None) if parts else None  # collects the attention probabilities asked for
         vision_hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
         if pixel_values is not None and not _is_empty_image_list(pixel_values):
             if image_features is not None:
                 raise InputError("pass either pixel_values or image_features, not both")
-            image_features = self.get_image_features(pixel_values, pixel_attention_mask, vision_hidden_states)
+            if "vision" in parts or "perceiver" in parts:
+                (image_features, maps.vision_attentions, maps.perceiver_attentions, maps.patch_grid,
+                 maps.image_index) = self._image_features_with_attentions(
+                    pixel_values, pixel_attention_mask, parts, vision_hidden_states)
+            else:
+                image_features = self.get_image_features(pixel_values, pixel_attention_mask, vision_hidden_states)
         embeddings = self.embed_inputs(input_ids, image_features)
         text_hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
-        hidden = self.text(embeddings, attention_mask, cache, text_hidden_states)
+        text_attentions = maps.text_attentions if "text" in parts else None  # (parts is empty: maps is None)
+        hidden = self.text(embeddings, attention_mask, cache, text_hidden_states, text_attentions)
         if labels is not None:
             if tuple(labels.shape) != tuple(input_ids.shape):
                 raise InputError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
@@ -234,13 +297,15 @@ class Idefics2(nn.Module):
             else:
                 counted = targets != IGNORE_INDEX
                 logits, loss = None, cross_entropy(self.lm_head(hidden[counted]), targets[counted], num_counted)
-            return Idefics2Output(logits, text_hidden_states or [], vision_hidden_states or [], image_features, loss)
+            return Idefics2Output(logits, text_hidden_states or [], vision_hidden_states or [], image_features, loss,
+                                  **_attention_fields(maps))
         if last_token_only:
             hidden = hidden[:, -1:]
         logits = self.lm_head(hidden)
-        if not output_hidden_states:
+        if not output_hidden_states and not parts:
             return logits
-        return Idefics2Output(logits, text_hidden_states, vision_hidden_states, image_features)
+        return Idefics2Output(logits, text_hidden_states or [], vision_hidden_states or [], image_features,
+                              **_attention_fields(maps))
 
     def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One generated token per row through the cache: token_ids [B, 1] -> logits [B, vocab].
@@ -313,6 +378,24 @@ def _check_pixel_inputs(pixel_values: torch.Tensor, pixel_attention_mask: torch.
                 f"pixel_attention_mask must be [batch, images, height, width] = {list(expected)}, "
                 f"got {list(pixel_attention_mask.shape)}"
             )
+
+
+def _attention_parts(output_attentions: bool | Collection[str]) -> frozenset[str]:
+    """forward's `output_attentions` -> the set of ATTENTION_PARTS asked for."""
+    if isinstance(output_attentions, bool):
+        return frozenset(ATTENTION_PARTS if output_attentions else ())
+    parts = frozenset([output_attentions] if isinstance(output_attentions, str) else output_attentions)
+    if not parts <= set(ATTENTION_PARTS):
+        raise ValueError(f"output_attentions: unknown part(s) {sorted(parts - set(ATTENTION_PARTS))}; "
+                         f"give True or a subset of {ATTENTION_PARTS}")
+    return parts
+
+
+def _attention_fields(maps: Idefics2Output | None) -> dict:
+    if maps is None:
+        return {}
+    return {name: getattr(maps, name) for name in (
+        "vision_attentions", "perceiver_attentions", "text_attentions", "patch_grid", "image_index")}
 
 
 def _is_empty_image_list(pixel_values) -> bool:

@@ -42,6 +42,27 @@ class PackedImages:
         lengths = self.grid_sizes[:, 0] * self.grid_sizes[:, 1] + extra_per_image
         return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).to(self.patches.device)
 
+    def to_padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (pixel_values [I, 3, R*p, C*p], patch_attention_mask [I, R, C] bool): each image's
+        patches put back on the largest grid (R, C = the most rows, cols), zero-padded at the
+        bottom and right: the padded layout the reference runs (attention maps use it)."""
+        num_images = self.num_images
+        rows, cols = (int(n) for n in self.grid_sizes.max(dim=0).values)
+        channels, patch = self.patches.shape[1], self.patches.shape[2]
+        grid = torch.zeros(num_images, rows, cols, channels, patch, patch, dtype=self.patches.dtype,
+                           device=self.patches.device)
+        patch_mask = torch.zeros(num_images, rows, cols, dtype=torch.bool, device=self.patches.device)
+        start = 0
+        for image, (image_rows, image_cols) in enumerate(self.grid_sizes.tolist()):
+            count = image_rows * image_cols
+            grid[image, :image_rows, :image_cols] = self.patches[start : start + count].view(
+                image_rows, image_cols, channels, patch, patch)
+            patch_mask[image, :image_rows, :image_cols] = True
+            start += count
+        # [I, R, C, 3, p, p] -> [I, 3, R, p, C, p] -> [I, 3, R*p, C*p]
+        pixel_values = grid.permute(0, 3, 1, 4, 2, 5).reshape(num_images, channels, rows * patch, cols * patch)
+        return pixel_values, patch_mask
+
     def to(self, device=None, dtype=None) -> PackedImages:
         return PackedImages(self.patches.to(device=device, dtype=dtype), self.grid_sizes.to(device),
                             list(self.images_per_sample))

@@ -18,7 +18,7 @@ import kernels
 
 from .cache import KVCache
 from .config import TextConfig
-from .layers import RMSNorm, SwiGLU, embedding
+from .layers import RMSNorm, SwiGLU, eager_attention, embedding
 
 
 class RotaryEmbedding(nn.Module):
@@ -90,8 +90,16 @@ class TextAttention(nn.Module):
         sin: torch.Tensor,
         token_mask: torch.Tensor | None,
         cache: KVCache | None,
+        attentions_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x [B, T, C]; cos/sin [B, T, 1, D]; token_mask [B, T] bool (None = no padding) -> [B, T, C]."""
+        """x [B, T, C]; cos/sin [B, T, 1, D]; token_mask [B, T] bool (None = no padding) -> [B, T, C].
+
+        If `attentions_out` is a list, attention runs as written-out math (`eager_attention`
+        below) and its probabilities [B, heads, T, K] are appended, K = every token so far (the
+        cache's and these T): column j is token j of the batch's clock, zero where query i may
+        not see it (padding, j > i, or j <= i - window)."""
+        if attentions_out is not None:
+            return self.eager_attention(x, cos, sin, token_mask, cache, attentions_out)
         batch, length, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = apply_rotary(q.view(batch, length, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
@@ -128,6 +136,47 @@ class TextAttention(nn.Module):
         serve the three with one matmul (backends/fusion.py)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
+    def eager_attention(self, x, cos, sin, token_mask, cache, attentions_out: list[torch.Tensor]) -> torch.Tensor:
+        """`forward` with the attention written out (layers.eager_attention), for its probabilities.
+        The same projections, RoPE and cache writes; the mask spelled as the rule in the module
+        docstring: query token i sees key token j when i - window < j <= i and j is real."""
+        batch, length, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        q = apply_rotary(q.view(batch, length, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rotary(k.view(batch, length, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        before = 0 if cache is None else cache.num_tokens  # tokens of earlier steps (the clock)
+        if cache is not None and cache.decoding:
+            # One query against the cache's slots; slot s holds token t with t % capacity == s.
+            cache.write(self.layer_index, k, v)
+            keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]  # [B, Hkv, S, D]
+            cache_seqlens, key_mask = cache.decode_visible()
+            slots = torch.arange(keys.shape[2], device=x.device)
+            visible = ((slots[None, :] < cache_seqlens[:, None]) & key_mask)[:, None, None, :]  # [B, 1, 1, S]
+            out, slot_probs = eager_attention(q, keys, values, visible, self.head_dim**-0.5)
+            tokens = torch.arange(max(0, before + 1 - keys.shape[2]), before + 1, device=x.device)
+            probs = slot_probs.new_zeros(batch, self.num_heads, 1, before + 1)
+            probs[..., tokens] = slot_probs[..., tokens % keys.shape[2]]
+        else:
+            keys, values, key_real = k, v, token_mask  # key_real [B, K] bool or None (all real)
+            if cache is not None and cache.num_tokens > 0:
+                past_k, past_v, past_real = cache.past(self.layer_index)  # the last n_past tokens
+                keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+                new_real = token_mask if token_mask is not None else past_real.new_ones(batch, length)
+                key_real = torch.cat([past_real, new_real], dim=1)
+            visible = kernels.visible_keys_mask(
+                length, keys.shape[2], causal=True, window=self.sliding_window, device=x.device
+            )[None, None]  # [1, 1, T, K]: j <= i and j > i - window
+            if key_real is not None:
+                visible = visible & key_real[:, None, None, :]
+            out, probs = eager_attention(q, keys, values, visible, self.head_dim**-0.5)
+            # Tokens older than the cache's buffer are out of every query's window: zero columns.
+            probs = torch.nn.functional.pad(probs, (before + length - keys.shape[2], 0))
+            if cache is not None:
+                cache.write(self.layer_index, k, v)
+        attentions_out.append(probs)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
 
 class TextDecoderLayer(nn.Module):
     def __init__(self, config: TextConfig, layer_index: int):
@@ -137,8 +186,8 @@ class TextDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_size)
 
-    def forward(self, x, cos, sin, token_mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, token_mask, cache)
+    def forward(self, x, cos, sin, token_mask, cache, attentions_out=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, token_mask, cache, attentions_out)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -159,12 +208,14 @@ class TextDecoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         hidden_states_out: list[torch.Tensor] | None = None,
+        attentions_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """inputs_embeds [B, T, C]; attention_mask [B, T] for these T tokens (1 = real, 0 = left
         padding; None = all real). With a cache, the tokens continue what it holds.
 
         Returns the final-norm hidden states [B, T, C]. If `hidden_states_out` is a list, every
-        layer's input and the last layer's output are appended to it.
+        layer's input and the last layer's output are appended to it; if `attentions_out` is a
+        list, every layer's attention probabilities (see `TextAttention.forward`).
         """
         batch, length, _ = inputs_embeds.shape
         token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
@@ -177,7 +228,7 @@ class TextDecoder(nn.Module):
             position_ids = position_ids_from_mask(token_mask, batch, length, inputs_embeds.device)
             max_position = length
         cos, sin = self.rotary(position_ids, max_position, inputs_embeds.dtype)
-        hidden = self.run_layers(inputs_embeds, cos, sin, token_mask, cache, hidden_states_out)
+        hidden = self.run_layers(inputs_embeds, cos, sin, token_mask, cache, hidden_states_out, attentions_out)
         if cache is not None:
             cache.end_step()
         return hidden
@@ -190,13 +241,14 @@ class TextDecoder(nn.Module):
         token_mask: torch.Tensor | None,
         cache: KVCache | None,
         hidden_states_out: list[torch.Tensor] | None = None,
+        attentions_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [B, T, C] through every layer and the final norm -> [B, T, C]; cos/sin [B, T, 1, D]
         from `rotary`; with a cache, between its `begin_step` and `end_step`."""
         for layer in self.layers:
             if hidden_states_out is not None:
                 hidden_states_out.append(x)
-            x = layer(x, cos, sin, token_mask, cache)
+            x = layer(x, cos, sin, token_mask, cache, attentions_out)
         if hidden_states_out is not None:
             hidden_states_out.append(x)
         return self.norm(x)

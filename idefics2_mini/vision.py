@@ -23,7 +23,7 @@ from torch import nn
 import kernels
 
 from .config import VisionConfig
-from .layers import embedding
+from .layers import eager_attention, embedding
 from .packing import PackedImages
 
 
@@ -38,6 +38,15 @@ def patch_mask_from_pixel_mask(pixel_attention_mask: torch.Tensor, patch_size: i
     pixels = pixel_attention_mask[:, : rows * patch_size, : cols * patch_size].to(torch.bool)
     pixels = pixels.reshape(num_images, rows, patch_size, cols, patch_size)
     return pixels.all(dim=4).all(dim=2)
+
+
+def patch_token_grid(patch_attention_mask: torch.Tensor) -> torch.Tensor:
+    """patch_attention_mask [N, R, C] bool -> [N, R, C] long: the token index (0..R*C-1, row-major,
+    the vision tower's sequence axis) of each patch, -1 where the patch is padding. A map over an
+    image's tokens, values [L], becomes a picture as values[grid.clamp(min=0)] where grid >= 0."""
+    rows, cols = patch_attention_mask.shape[1:]
+    index = torch.arange(rows * cols, device=patch_attention_mask.device).view(1, rows, cols)
+    return index.expand_as(patch_attention_mask).masked_fill(~patch_attention_mask.to(torch.bool), -1)
 
 
 def navit_position_ids(patch_attention_mask: torch.Tensor, num_patches_per_side: int) -> torch.Tensor:
@@ -110,12 +119,22 @@ class VisionAttention(nn.Module):
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, packed: PackedImages | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        packed: PackedImages | None = None,
+        attentions_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Padded: x [N, L, C], key_padding_mask [N, L] bool (True = real patch) -> [N, L, C].
-        Packed: x [P, C] with `packed` giving each image's length -> [P, C]."""
+        Packed: x [P, C] with `packed` giving each image's length -> [P, C].
+
+        If `attentions_out` is a list (padded layout only), attention runs as written-out math
+        (`layers.eager_attention`) and its probabilities [N, heads, L, L] are appended, the rows
+        and columns of padded patches zero."""
         q, k, v = self.project_qkv(x)
         if packed is not None:
+            if attentions_out is not None:
+                raise ValueError("attention probabilities are computed in the padded layout; run the images padded")
             heads_shape = (x.shape[0], self.num_heads, self.head_dim)
             cu_seqlens = packed.cu_seqlens()
             out = kernels.attention_varlen(
@@ -129,7 +148,14 @@ class VisionAttention(nn.Module):
         q = q.view(heads_shape).transpose(1, 2)  # [N, heads, L, head_dim]
         k = k.view(heads_shape).transpose(1, 2)
         v = v.view(heads_shape).transpose(1, 2)
-        out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=self.head_dim**-0.5)
+        if attentions_out is None:
+            out = kernels.attention(q, k, v, key_padding_mask=key_padding_mask, scale=self.head_dim**-0.5)
+        else:
+            visible = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # [N, 1, 1, L]
+            out, probs = eager_attention(q, k, v, visible, self.head_dim**-0.5)
+            if key_padding_mask is not None:  # a padded patch's own row is noise: zero it
+                probs = probs * key_padding_mask[:, None, :, None]
+            attentions_out.append(probs)
         return self.out_proj(out.transpose(1, 2).reshape(num_images, length, width))
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,9 +184,11 @@ class VisionEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x: torch.Tensor, key_padding_mask=None, packed: PackedImages | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_padding_mask=None, packed: PackedImages | None = None, attentions_out=None
+    ) -> torch.Tensor:
         """x [N, L, C] (padded) or [P, C] (packed) -> same shape."""
-        x = x + self.self_attn(self.layer_norm1(x), key_padding_mask, packed)
+        x = x + self.self_attn(self.layer_norm1(x), key_padding_mask, packed, attentions_out)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -179,11 +207,14 @@ class VisionTransformer(nn.Module):
         pixel_values: torch.Tensor,
         patch_attention_mask: torch.Tensor | None = None,
         hidden_states_out: list[torch.Tensor] | None = None,
+        attentions_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """pixel_values [N, 3, H, W]; patch_attention_mask [N, H//p, W//p] bool (None: all real).
 
         Returns the post-layernorm features [N, (H//p)*(W//p), C]. If `hidden_states_out` is a
-        list, the input of every layer and the last layer's output are appended to it.
+        list, the input of every layer and the last layer's output are appended to it; if
+        `attentions_out` is a list, every layer's attention probabilities [N, heads, L, L]
+        (see `VisionAttention.forward`). Token l of an image is patch (l // (W//p), l % (W//p)).
         """
         num_images, _, height, width = pixel_values.shape
         patch = self.config.patch_size
@@ -198,7 +229,7 @@ class VisionTransformer(nn.Module):
         for layer in self.layers:
             if hidden_states_out is not None:
                 hidden_states_out.append(x)
-            x = layer(x, key_padding_mask)
+            x = layer(x, key_padding_mask, None, attentions_out)
         if hidden_states_out is not None:
             hidden_states_out.append(x)
         return self.post_layernorm(x)
