@@ -146,5 +146,5 @@ def test_distributed_benchmark_smoke(tmp_path):
     rows = json.loads((tmp_path / "out" / "distributed-tiny.json").read_text())["rows"]
     one, two = rows["1"][0], rows["2"]
     assert all(rank["tokens"] == one["tokens"] for rank in two)
-    assert all(rank["decoder_weight_bytes"] * 2 == one["decoder_weight_bytes"] for rank in two)
+    assert all(rank["decoder_weight_bytes"] < 0.55 * one["decoder_weight_bytes"] for rank in two)  # norms replicated
     assert two[0]["all_reduces_per_generate"] > 0
