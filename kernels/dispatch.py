@@ -16,8 +16,8 @@ the variable is unset), so forced-Triton CPU runs use the interpreter. On a mach
 the kernels are compiled; running them on CPU tensors there needs TRITON_INTERPRET=1 set before
 the process imports triton (the wrappers raise an error saying so).
 
-Forward-only kernels (attention, decode) fall back to the reference when a gradient is needed;
-RMSNorm has a Triton backward.
+Prefill attention and RMSNorm have Triton backwards (autograd runs the kernels both ways);
+decode attention is inference-only.
 """
 
 from __future__ import annotations
