@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask Idefics2-8B about images. Without --weights it uses weights/idefics2-8b/ when that "
         "folder exists, else a tiny random-weight demo checkpoint (its answers are noise; see weights/README.md).",
         epilog="Subcommands (as the first argument only): `check DIR` verifies a downloaded checkpoint folder; "
-        "`finetune ...` trains (its own --help).",
+        "`finetune ...` trains (its own --help); `quantize ...` writes an int8/int4 checkpoint (its own --help).",
     )
     parser.add_argument("prompt", nargs="?", help='the question ("-" reads it from stdin); optional with --chat')
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling (turns sampling on)")
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (turns sampling on)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible answers)")
+    parser.add_argument("--quantize", choices=("int8", "int4"),
+                        help="quantize the weights while loading them (weight-only; see `quantize --help` to "
+                        "write a quantized checkpoint once instead)")
+    parser.add_argument("--group-size", type=int, default=None, metavar="G",
+                        help="with --quantize int4: input columns per scale, 32, 64 (default) or 128")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile: faster tokens after a one-time "
                         "compile of ~10-30 s (on a CPU it needs a C++ compiler)")
@@ -133,6 +138,7 @@ def _subcommand(module: str) -> Callable[[list[str]], int]:
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "check": lambda argv: run_check(build_check_parser().parse_args(argv).folder),
     "finetune": _subcommand("finetune"),
+    "quantize": _subcommand("quantize"),
     "explain": _subcommand("explain"),
 }
 
@@ -180,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from .processor import Idefics2Processor  # noqa: PLC0415
 
     generation_options(args)  # bad option values fail before anything is built
+    quantization = _quantization(args)
     if args.chat and args.prompt == "-":
         raise CLIError('with --chat the messages come from stdin; give the first one as text, not "-"')
     prompt = sys.stdin.read().strip() if args.prompt == "-" else args.prompt
@@ -205,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         check_first_turn(first_turn.tokens, options.max_new_tokens, max_positions)
 
     start = time.perf_counter()
-    model = _load(weights, dtype, device, quiet=args.quiet, tp_group=tp_group)
+    model = _load(weights, dtype, device, quiet=args.quiet, tp_group=tp_group, quantize=quantization)
     load_seconds = time.perf_counter() - start
     if args.compile:
         from . import backends  # noqa: PLC0415
@@ -343,7 +350,20 @@ def _demo_notice(path: Path) -> str:
     return demo.NOISE_NOTICE.format(path=path, official=demo.weights_root() / demo.OFFICIAL_DIRNAME)
 
 
-def _load(weights: Path, dtype: torch.dtype, device: torch.device, quiet: bool, tp_group=None):
+def _quantization(args: argparse.Namespace):
+    """--quantize / --group-size as a quantize.QuantSpec (None: load as stored)."""
+    if args.quantize is None:
+        if args.group_size is not None:
+            raise CLIError("--group-size goes with --quantize int4")
+        return None
+    if args.tp is not None:
+        raise CLIError("--tp and --quantize do not go together (tensor parallelism shards float weights)")
+    from .quantize import QuantSpec  # noqa: PLC0415
+
+    return QuantSpec.parse(args.quantize, args.group_size)
+
+
+def _load(weights: Path, dtype: torch.dtype, device: torch.device, quiet: bool, tp_group=None, quantize=None):
     from .model import Idefics2  # noqa: PLC0415
 
     if tp_group is not None:
@@ -352,7 +372,7 @@ def _load(weights: Path, dtype: torch.dtype, device: torch.device, quiet: bool, 
         return load_tensor_parallel(weights, tp_group, dtype, device)
 
     bar = ProgressBar(sys.stderr, f"loading {weights}", enabled=not quiet)
-    model = Idefics2.from_pretrained(weights, dtype=dtype, device=device, progress=bar)
+    model = Idefics2.from_pretrained(weights, dtype=dtype, device=device, progress=bar, quantize=quantize)
     bar.close()
     return model
 

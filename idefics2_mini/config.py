@@ -136,6 +136,9 @@ class Idefics2Config:
     image_token_id: int = IMAGE_TOKEN_ID
     # The dtype the checkpoint was saved in (informational; from_pretrained takes its own dtype).
     checkpoint_dtype: str | None = None
+    # A weight-only quantized checkpoint's `quantization` block (idefics2_mini/quantize/ reads
+    # and checks it); None for a float checkpoint.
+    quantization: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -197,6 +200,7 @@ class Idefics2Config:
             text=text,
             image_token_id=int(raw.get("image_token_id", IMAGE_TOKEN_ID)),
             checkpoint_dtype=str(dtype) if dtype is not None else None,
+            quantization=raw.get("quantization"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,6 +220,8 @@ class Idefics2Config:
         }
         if self.checkpoint_dtype is not None:
             out["dtype"] = self.checkpoint_dtype
+        if self.quantization is not None:
+            out["quantization"] = self.quantization
         return out
 
     def save(self, path: str | Path) -> None:

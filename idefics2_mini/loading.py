@@ -42,6 +42,8 @@ PREFIX_TABLE: tuple[tuple[str, str], ...] = (
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Every tensor is floating point except a quantized linear's integers (idefics2_mini/quantize/).
+INTEGER_TENSOR_SUFFIXES = (".qweight",)
 
 
 class CheckpointError(ValueError):
@@ -165,6 +167,8 @@ def inspect_checkpoint(folder: str | Path) -> Inspection:
     else:
         found.problems.append(f"no weights: {folder} holds neither {SINGLE_FILE} nor {INDEX_FILE} (+ shards)")
     for name, file in found.files.items():
+        if name.endswith(INTEGER_TENSOR_SUFFIXES):
+            continue
         if not SAFETENSORS_DTYPES[found.entry(name)["dtype"]].is_floating_point:
             found.problems.append(f"{file.name}: tensor {name} has dtype {found.entry(name)['dtype']}, "
                                   "expected floating point")
@@ -198,6 +202,10 @@ def tensor_problems(model: nn.Module, found: Inspection, folder: str | Path = ""
     enough): every parameter present under its official name, no tensor the model lacks, every
     shape equal. A tied parameter (lm_head = embeddings) is expected once."""
     expected = {ours_to_official(name): list(param.shape) for name, param in model.named_parameters()}
+    # Persistent buffers: a quantized linear's qweight/scales/zeros (the plain model has none).
+    parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    expected.update({ours_to_official(name): list(buffer.shape) for name, buffer in model.state_dict().items()
+                     if name not in parameter_names})
     config_file = Path(folder) / "config.json"
     problems = []
     missing = set(expected) - set(found.files)
@@ -240,6 +248,10 @@ def check_checkpoint(
     if config is not None and found.files and not problems:
         with torch.device("meta"):  # shapes only, no memory
             model = build_model(config)
+        if config.quantization is not None:  # a quantized checkpoint stores its quantized layers' tensors
+            from .quantize.checkpoint import quantized_skeleton  # noqa: PLC0415
+
+            quantized_skeleton(model, config.quantization)
         problems += tensor_problems(model, found, folder)
         if not problems:
             total = sum(end - begin for name in found.files for begin, end in [found.entry(name)["data_offsets"]])
@@ -439,6 +451,12 @@ def save_checkpoint(
             continue
         value = param.detach()
         tensors[ours_to_official(name)] = (value if dtype is None else value.to(dtype)).contiguous().cpu()
+    write_safetensors(tensors, path, max_shard_bytes)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_bytes: int | None = None) -> None:
+    """Write `tensors` (official names) into `path` as model.safetensors, or as shards of at most
+    `max_shard_bytes` with an index when they are larger."""
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
         _save_file_replacing(tensors, path / SINGLE_FILE)

@@ -90,6 +90,7 @@ class Idefics2(nn.Module):
         mmap: bool | None = None,
         progress=None,
         backends: bool = True,
+        quantize=None,
     ) -> Idefics2:
         """Load an official-layout checkpoint folder: config.json, the safetensors weights
         (mapped or copied, strictly checked: see `loading.load_weights` for `mmap` and
@@ -98,12 +99,21 @@ class Idefics2(nn.Module):
 
         `backends=True` applies the inference speed-ups of idefics2_mini/backends (fused
         projections, CPU linears); they step aside whenever a gradient is wanted. False gives
-        the plain model."""
+        the plain model.
+
+        A weight-only quantized checkpoint (config.json has a `quantization` block) loads
+        quantized; `quantize="int8" | "int4"` (or an idefics2_mini.quantize.QuantSpec)
+        quantizes a float checkpoint while loading it, streaming (idefics2_mini/quantize/)."""
         path = Path(path)
         config = Idefics2Config.from_pretrained(path)
         with torch.device("meta"):  # no memory and no init: every parameter comes from the file
             model = cls(config)
-        load_weights(model, path, dtype, device, progress=progress, mmap=mmap, fuse=backends)
+        if quantize is not None or config.quantization is not None:
+            from .quantize.checkpoint import load_quantized  # noqa: PLC0415
+
+            load_quantized(model, path, dtype, device, quantize, progress=progress, fuse=backends)
+        else:
+            load_weights(model, path, dtype, device, progress=progress, mmap=mmap, fuse=backends)
         # Non-persistent buffers (RoPE frequencies) are recomputed, not loaded.
         model.text.rotary = type(model.text.rotary)(config.text.head_dim, config.text.rope_theta).to(device)
         model.generation_defaults = GenerationDefaults.from_pretrained(path, config)
@@ -113,11 +123,12 @@ class Idefics2(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        # The embedding's: never quantized (a quantized lm_head has no float weight).
+        return self.text.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.text.embed_tokens.weight.device
 
     # ------------------------------------------------------------------ images
     def get_image_features(

@@ -16,6 +16,7 @@ from .attention_prefill import (
 )
 from .dispatch import KERNELS_ENV, kernel_mode, triton_available, use_triton
 from .rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
+from .dequant_matmul import dequantize_reference, quantized_matmul, quantized_matmul_reference
 
 __all__ = [
     "AttentionFunction",
@@ -33,7 +34,10 @@ __all__ = [
     "attention_varlen_backward_triton",
     "attention_varlen_reference",
     "attention_varlen_triton",
+    "dequantize_reference",
     "kernel_mode",
+    "quantized_matmul",
+    "quantized_matmul_reference",
     "rms_norm",
     "rms_norm_reference",
     "triton_available",

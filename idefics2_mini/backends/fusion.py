@@ -119,6 +119,8 @@ def fuse_projections(model: nn.Module, mode: str = "copy") -> nn.Module:
         if type(module) in FUSIBLE:
             method, names, max_rows = FUSIBLE[type(module)]
             module.__dict__.pop(method, None)
+            if not all(isinstance(getattr(module, name), nn.Linear) for name in names):
+                continue  # a linear replaced by another kind of layer (a quantized one) runs on its own
             fused = fuse_linears(module, names, mode, max_rows)
             if fused is not None:
                 setattr(module, method, fused)

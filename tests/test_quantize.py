@@ -1,0 +1,336 @@
+"""Weight-only quantization (idefics2_mini/quantize/): the quantization math, the CPU paths
+against the reference, the model's logits against the float model's within stated bounds,
+quantized checkpoints (write, load, quantize on load, check), the commands, and the errors.
+
+Bounds, on a tiny model whose linears are random N(0, 1/fan_in) (reference_models.randomize_):
+int8 per channel moves the logits by <= 2% of their largest magnitude, int4 (groups of 32,
+asymmetric) by <= 25%; a wrong dequantization (nibble halves swapped, a scale or zero
+misapplied, a row offset) moves them by the size of the logits themselves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from reference_models import randomize_
+from torch import nn
+
+import idefics2_mini as im
+from idefics2_mini import cli, loading
+from idefics2_mini.backends import cpu as cpu_backend
+from idefics2_mini.backends import fusion
+from idefics2_mini.demo import SHIPPED_TOKENIZER_MODEL
+from idefics2_mini.quantize import (
+    QuantizationError,
+    QuantizedLinear,
+    QuantSpec,
+    cpu,
+    dequantize_reference,
+    pack_int4,
+    quantize,
+    quantize_weight,
+    quantized_matmul_reference,
+    save_quantized,
+    unpack_int4,
+)
+
+INT8_LOGIT_BOUND, INT4_LOGIT_BOUND = 0.02, 0.25
+
+
+def tiny_config() -> im.Idefics2Config:
+    """Every linear's input width a multiple of 32 (int4 groups of 32 fit everywhere)."""
+    return im.Idefics2Config(
+        vision=im.VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                               image_size=56, patch_size=14),
+        perceiver=im.PerceiverConfig(hidden_size=128, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=4,
+                                     resampler_head_dim=32, num_key_value_heads=2),
+        text=im.TextConfig(vocab_size=32003, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=16,
+                           max_position_embeddings=512),
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("float")
+    model = im.Idefics2(tiny_config())
+    randomize_(model, seed=3)
+    im.save_checkpoint(model, path)
+    shutil.copyfile(SHIPPED_TOKENIZER_MODEL, path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def float_model(checkpoint):
+    return im.Idefics2.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return torch.randint(3, 32000, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def relative_logit_error(model, reference, ids) -> float:
+    with torch.no_grad():
+        expected = reference(ids)
+        return ((model(ids) - expected).abs().max() / expected.abs().max()).item()
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(8, symmetric=False), QuantSpec(4, 32),
+                                  QuantSpec(4, 128, symmetric=True)])
+def test_quantize_then_dequantize_is_within_half_a_step(spec):
+    weight = torch.randn(24, 256, generator=torch.Generator().manual_seed(1)) * 0.05
+    weight[3, 7] = 1.0  # an outlier: its group's step grows, the others' do not
+    q = quantize_weight(weight, spec)
+    group = spec.group_for(256)
+    assert q.scales.shape == (24, 256 // group) and q.scales.dtype == spec.scale_dtype()
+    assert (q.zeros is None) == spec.symmetric
+    restored = dequantize_reference(q.qweight, q.scales, q.zeros, spec.bits, group)
+    step = q.scales.float().repeat_interleave(group, dim=1)
+    # Half a step, plus the rounding of a bf16 zero (int4) when asymmetric.
+    slack = 0.0 if q.zeros is None else q.zeros.float().abs().repeat_interleave(group, dim=1) * 2**-8
+    assert ((restored - weight).abs() <= 0.5 * step * (1 + 1e-5) + slack).all()
+    integers = unpack_int4(q.qweight, group) if spec.bits == 4 else q.qweight
+    top = 2 ** (spec.bits - 1)
+    assert integers.min() >= -top and integers.max() <= top - 1
+
+
+def test_zero_and_constant_groups_are_exact():
+    """All-zero groups (any spec) and constant ones (asymmetric: s = 1, z = the value) come back exactly."""
+    weight = torch.zeros(2, 64)
+    weight[1] = 0.375
+    for spec in (QuantSpec(8, symmetric=False), QuantSpec(4, 32), QuantSpec(4, 32, symmetric=True)):
+        q = quantize_weight(weight, spec)
+        restored = dequantize_reference(q.qweight, q.scales, q.zeros, spec.bits, spec.group_for(64))
+        rows = 1 if spec.symmetric else 2
+        assert torch.equal(restored[:rows], weight[:rows])
+
+
+def test_int4_packing_round_trip():
+    q = torch.randint(-8, 8, (5, 128), dtype=torch.int8)
+    for group in (32, 64, 128):
+        packed = pack_int4(q, group)
+        assert packed.dtype == torch.uint8 and packed.shape == (5, 64)
+        assert torch.equal(unpack_int4(packed, group), q)
+    assert pack_int4(torch.tensor([[7] + [-8] * 15 + [1] + [-8] * 15], dtype=torch.int8), 32)[0, 0] == 0x9F
+
+
+# ----------------------------------------------------------------------------- the CPU paths
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(8, symmetric=False), QuantSpec(4, 32), QuantSpec(4, 64),
+                                  QuantSpec(4, 128, symmetric=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_paths_equal_the_reference(spec, dtype, monkeypatch):
+    linear = nn.Linear(256, 40, bias=True)
+    layer = QuantizedLinear.from_linear(linear.requires_grad_(False).to(dtype), spec)
+    args = (layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for rows in (1, 3, 8, 9, 40):  # up to 8: the C kernel; beyond: dequantize and matmul
+        x = torch.randn(rows, 256).to(dtype)
+        expected = quantized_matmul_reference(x, *args, layer.bias)
+        with torch.no_grad():
+            out = layer(x)
+        assert out.dtype == dtype and out.shape == (rows, 40)
+        assert (out.float() - expected.float()).abs().max() <= tolerance * expected.float().abs().max()
+        assert cpu.kernel_takes(x, spec.bits, layer.group_size) == (rows <= cpu.MAX_ROWS)
+
+
+def test_c_kernel_odd_widths_and_blocks(monkeypatch):
+    """int8 rows whose width is no multiple of 16 (the kernel's scalar tail); the prefill path's
+    weight blocks smaller than the weight."""
+    layer = QuantizedLinear.from_linear(nn.Linear(100, 37, bias=False).requires_grad_(False), QuantSpec(8))
+    x = torch.randn(2, 100)
+    expected = quantized_matmul_reference(x, layer.qweight, layer.scales, None, 8, 100)
+    assert (cpu.kernel_matmul(x, layer.qweight, layer.scales, None, 8, 100) - expected).abs().max() < 1e-5
+    monkeypatch.setattr(cpu, "DEQUANT_BLOCK_ELEMENTS", 1000)  # 10 rows of 100 at a time
+    out = cpu.dequantized_linear(x, layer.qweight, layer.scales, None, 8, 100)
+    assert (out - expected).abs().max() < 1e-5
+
+
+def test_c_kernel_built_and_switchable(monkeypatch):
+    assert cpu.available(), cpu.build_error()  # CI has a C compiler; users without one get the fallback
+    monkeypatch.setenv(cpu.CPU_ENV, "reference")
+    assert not cpu.kernel_takes(torch.zeros(1, 64), 8, 64)
+
+
+def test_training_through_a_quantized_layer_reaches_the_input():
+    layer = QuantizedLinear.from_linear(nn.Linear(64, 8).requires_grad_(False), QuantSpec(4, 32))
+    x = torch.randn(1, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.allclose(x.grad[0], layer.dequantized_weight().sum(0), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@pytest.mark.parametrize("spec,bound", [(QuantSpec(8), INT8_LOGIT_BOUND), (QuantSpec(4, 32), INT4_LOGIT_BOUND)])
+def test_quantized_logits_within_bound_and_greedy_tokens(spec, bound, checkpoint, float_model, prompts):
+    model = quantize(im.Idefics2.from_pretrained(checkpoint), spec)
+    assert relative_logit_error(model, float_model, prompts) <= bound
+    if spec.bits == 8:
+        with torch.no_grad():
+            assert torch.equal(model.generate(prompts, max_new_tokens=6, eos_token_id=[]),
+                               float_model.generate(prompts, max_new_tokens=6, eos_token_id=[]))
+
+
+def test_a_wrong_dequantization_breaks_the_bound(checkpoint, float_model, prompts, monkeypatch):
+    """The bound above is tight enough to catch a dequantization bug: swapping the nibble
+    halves of every byte (a plausible layout mistake) blows far past it."""
+    model = quantize(im.Idefics2.from_pretrained(checkpoint), QuantSpec(4, 32))
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear):
+            layer.qweight.copy_((layer.qweight << 4) | (layer.qweight >> 4))
+    assert relative_logit_error(model, float_model, prompts) > 2 * INT4_LOGIT_BOUND
+
+
+def test_quantize_swaps_the_chosen_linears_and_composes_with_the_backends(checkpoint):
+    model = im.Idefics2.from_pretrained(checkpoint)  # CPU linears and fused projections applied
+    groups_before = len(fusion.fused_groups(model))
+    quantize(model, "int4", group_size=32)
+    kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))}
+    assert kinds["lm_head"] is QuantizedLinear and kinds["text.layers.0.mlp.down_proj"] is QuantizedLinear
+    assert kinds["connector.modality_projection.up_proj"] is QuantizedLinear
+    assert kinds["vision.layers.0.mlp.fc1"] is cpu_backend.CpuLinear  # the vision tower stays float
+    remaining = fusion.fused_groups(model)  # only the vision tower's groups still fused
+    assert 0 < len(remaining) < groups_before
+    assert all(type(group.module).__module__.endswith("vision") for group in remaining)
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    im.apply_backends(model)  # applying the backends again leaves the quantized layers alone
+    assert isinstance(model.lm_head, QuantizedLinear)
+
+
+def test_bf16_model(checkpoint, prompts):
+    model = im.Idefics2.from_pretrained(checkpoint, dtype=torch.bfloat16, quantize="int8")
+    reference = im.Idefics2.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    assert model.lm_head.scales.dtype == torch.float32 and model.dtype == torch.bfloat16
+    assert relative_logit_error(model, reference, prompts) <= 0.05
+    assert model.generate(prompts, max_new_tokens=3, eos_token_id=[]).shape == (2, 13)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 64, symmetric=True)])
+def test_saved_checkpoint_loads_back_and_equals_quantize_on_load(spec, checkpoint, prompts, tmp_path):
+    quantized = quantize(im.Idefics2.from_pretrained(checkpoint), spec)
+    save_quantized(quantized, tmp_path, max_shard_bytes=2_000_000)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization"] == spec.to_config()
+    assert loading.check_checkpoint(tmp_path, im.Idefics2, require_tokenizer=False)[0] == []
+    names = set(loading.inspect_checkpoint(tmp_path).files)
+    assert "model.text_model.layers.0.self_attn.q_proj.qweight" in names
+    assert "model.text_model.layers.0.self_attn.q_proj.weight" not in names
+    assert ("lm_head.zeros" in names) != spec.symmetric
+    loaded = im.Idefics2.from_pretrained(tmp_path)
+    on_load = im.Idefics2.from_pretrained(checkpoint, quantize=spec)
+    with torch.no_grad():
+        expected = quantized(prompts)
+        assert torch.equal(loaded(prompts), expected)
+        assert torch.equal(on_load(prompts), expected)
+    for a, b in zip(loaded.buffers(), quantized.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_streaming_load_in_small_blocks(checkpoint, prompts, monkeypatch):
+    from idefics2_mini.quantize import checkpoint as module  # noqa: PLC0415
+
+    whole = im.Idefics2.from_pretrained(checkpoint, quantize="int8")
+    monkeypatch.setattr(module, "BLOCK_BYTES", 1000)  # a few rows per block
+    blocks = list(module._stream_blocks(loading.inspect_checkpoint(checkpoint)))
+    assert all(block.numel() * block.element_size() <= 1000 or block.dim() < 2 or block.shape[0] == 1
+               for *_, block in blocks)  # at most the block size, or one row (or a vector) bigger than it
+    assert len(blocks) > 3 * len(loading.inspect_checkpoint(checkpoint).files)
+    streamed = im.Idefics2.from_pretrained(checkpoint, quantize="int8")
+    with torch.no_grad():
+        assert torch.equal(streamed(prompts), whole(prompts))
+
+
+def test_tied_lm_head(tmp_path, prompts):
+    config = tiny_config()
+    config = im.Idefics2Config(vision=config.vision, perceiver=config.perceiver,
+                               text=im.TextConfig(**{**config.text.__dict__, "tie_word_embeddings": True}))
+    model = im.Idefics2(config)
+    randomize_(model, seed=4)
+    im.save_checkpoint(model, tmp_path / "float")
+    on_load = im.Idefics2.from_pretrained(tmp_path / "float", quantize="int8")
+    assert isinstance(on_load.lm_head, QuantizedLinear)
+    after = quantize(im.Idefics2.from_pretrained(tmp_path / "float"), "int8")
+    with torch.no_grad():
+        assert torch.equal(on_load(prompts), after(prompts))
+    save_quantized(on_load, tmp_path / "int8")
+    with torch.no_grad():
+        assert torch.equal(im.Idefics2.from_pretrained(tmp_path / "int8")(prompts), after(prompts))
+
+
+def test_missing_scales_is_a_clear_error(checkpoint, tmp_path):
+    save_quantized(quantize(im.Idefics2.from_pretrained(checkpoint), QuantSpec(4, 32)), tmp_path)
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.text_model.layers.1.mlp.up_proj.scales"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(loading.CheckpointError, match=r"lacks 1 quantization tensor.*layers\.1\.mlp\.up_proj\.scales"):
+        im.Idefics2.from_pretrained(tmp_path)
+    problems, _ = loading.check_checkpoint(tmp_path, im.Idefics2, require_tokenizer=False)
+    assert any("up_proj.scales" in p for p in problems)
+
+
+def test_spec_errors(checkpoint, tmp_path):
+    with pytest.raises(QuantizationError, match="bits must be 8 or 4"):
+        QuantSpec(3)
+    with pytest.raises(QuantizationError, match="int8 or int4"):
+        QuantSpec.parse("int5")
+    with pytest.raises(QuantizationError, match="group size must be one of"):
+        QuantSpec(4, 48)
+    with pytest.raises(QuantizationError, match="per output channel"):
+        QuantSpec(8, 64)
+    with pytest.raises(QuantizationError, match="components"):
+        QuantSpec(8, components=("decoder",))
+    with pytest.raises(QuantizationError, match=r"group size 128 does not divide the input width of \d+ linear"):
+        im.Idefics2.from_pretrained(checkpoint, quantize=QuantSpec(4, 128))  # 128-wide rows: the down_proj is 256
+    save_quantized(quantize(im.Idefics2.from_pretrained(checkpoint), "int8"), tmp_path)
+    with pytest.raises(QuantizationError, match="already quantized"):
+        im.Idefics2.from_pretrained(tmp_path, quantize="int4")
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def test_quantize_command_and_quantize_on_load_flag(checkpoint, tmp_path, capsys):
+    out = tmp_path / "int4"
+    assert cli.main(["quantize", "--weights", str(checkpoint), "--bits", "4", "--group-size", "32",
+                     "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().err
+    assert (out / "tokenizer.model").is_file() and (out / "config.json").is_file()
+    assert cli.main(["check", str(out)]) == 0
+    capsys.readouterr()
+    args = ["--max-new-tokens", "4", "--quiet", "Hello"]
+    assert cli.main(["--weights", str(out), *args]) == 0
+    from_file = capsys.readouterr().out
+    assert cli.main(["--weights", str(checkpoint), "--quantize", "int4", "--group-size", "32", *args]) == 0
+    assert capsys.readouterr().out == from_file
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["quantize", "--bits", "3"], "bits must be 8 or 4"),
+    (["quantize", "--bits", "4", "--group-size", "100"], "group size must be one of"),
+    (["quantize", "--bits", "8", "--group-size", "64"], "per output channel"),
+])
+def test_quantize_command_errors(argv, fragment, checkpoint, tmp_path, capsys):
+    argv = [argv[0], "--weights", str(checkpoint), "--out", str(tmp_path / "out"), *argv[1:]]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and fragment in err and "Traceback" not in err
+
+
+def test_main_command_flag_errors(checkpoint, capsys):
+    assert cli.main(["--weights", str(checkpoint), "--group-size", "32", "Hi"]) == 1
+    assert "--group-size goes with --quantize int4" in capsys.readouterr().err
+    assert cli.main(["--weights", str(checkpoint), "--quantize", "int4", "--group-size", "128", "Hi"]) == 1
+    assert "does not divide" in capsys.readouterr().err
