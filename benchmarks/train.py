@@ -6,8 +6,9 @@
 Model "wide": the real Idefics2-8B widths (vision 1152 / 16 heads, projector 1152 -> 14336 ->
 4096, perceiver 4096 wide 16/4 heads x 96, decoder 4096 wide 32/8 heads x 128, SwiGLU 14336,
 vocab 32003) with 2 vision layers, 1 perceiver layer and 2 decoder layers, fp32, random
-weights in the official layout. One sample: a 568x378 image (1,053 patches, unsplit) and a
-chat whose assistant turn is learned (the processor's labels). Each (implementation, setup)
+weights in the official layout. A batch of 4 chats, each with one image of its own size
+(568x378, 378x568, 490x490, 640x400: 4,645 patches in all, unsplit, so the images run packed)
+and an assistant turn that is learned (the processor's labels). Each (implementation, setup)
 runs in its own process, one after the other, so the peak resident memory (VmHWM) is that
 setup's alone; time is the median over the timed steps after one untimed step.
 
@@ -41,6 +42,7 @@ import torch
 from benchmarks.common import machine_info, peak_rss_mib, write_markdown
 
 SETUPS = ("lora", "lora-ckpt", "full", "full-ckpt")
+IMAGE_SIZES = ((568, 378), (378, 568), (490, 490), (640, 400))
 IMPLS = ("ours", "reference")
 RECIPE_TARGETS = r".*(text_model|modality_projection|perceiver_resampler).*(down|gate|up|k|q|v|o)_proj"
 CHAT = [
@@ -108,9 +110,10 @@ def make_batch(path: Path) -> dict[str, torch.Tensor]:
 
     from benchmarks.e2e import make_image  # noqa: PLC0415
 
-    image = make_image().resize((568, 378), Image.BILINEAR)
+    image = make_image()
+    images = [[image.resize(size, Image.BILINEAR)] for size in IMAGE_SIZES]
     processor = Idefics2Processor.from_pretrained(None, do_image_splitting=False)
-    batch = processor.training_batch([CHAT], [[image]])
+    batch = processor.training_batch([CHAT] * len(IMAGE_SIZES), images)
     torch.save(batch, path)
     return batch
 
@@ -238,7 +241,8 @@ def report(args, results: dict, batch: dict) -> None:
              "`python -m benchmarks.train " + " ".join(sys.argv[1:]) + "`; see the script's docstring for the "
              "model and the setups.", "",
              " · ".join(f"{k}: {v}" for k, v in info.items()), "",
-             f"One sample: {tokens} tokens ({counted} learned), one 568x378 image unsplit; fp32; "
+             f"A batch of {len(IMAGE_SIZES)}: {tokens} tokens ({counted} learned), one image each "
+             f"({', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}), unsplit; fp32; "
              f"median of {args.steps} timed steps after 1 untimed. Peak = the process's peak resident memory "
              "(weights included).", "",
              "| setup | trainable | ours s/step | ref s/step | time ours/ref | ours peak MiB | ref peak MiB | "

@@ -63,8 +63,10 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of the three stacks: vision, perceiver and decoder layers."""
-    stacks = (model.vision.layers, model.connector.perceiver_resampler.layers, model.text.layers)
+    """The units recomputed in backward: every vision, perceiver and decoder layer, and the
+    projector, whose 14336-wide activations of every patch are a training step's largest."""
+    stacks = (model.vision.layers, [model.connector.modality_projection],
+              model.connector.perceiver_resampler.layers, model.text.layers)
     return [layer for stack in stacks for layer in stack]
 
 
