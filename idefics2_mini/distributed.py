@@ -252,8 +252,10 @@ def shard_for_training(model: nn.Module, group=None) -> nn.Module:
     fully_shard(model, mesh=mesh)
     # The loss each rank backpropagates is already its share of the global mean (its tokens'
     # sum over the whole batch's count), so the ranks' gradients must be summed, not averaged.
-    # Said explicitly, as a plain SUM: the default (AVG) has been seen to sum on gloo (PyTorch
-    # #162338), and a divide factor alone asks for PREMUL_SUM, which gloo does not have.
+    # FSDP's default averages (on torch 2.13 with gloo it does; PyTorch #162338 reported gloo
+    # summing instead); a divide factor of 1 alone asks for PREMUL_SUM, which gloo lacks: so SUM
+    # collectives are forced and the factor set to 1. tests/test_distributed.py checks the result
+    # against one process.
     for unit in [m for m in model.modules() if hasattr(m, "set_gradient_divide_factor")]:
         unit.set_force_sum_reduction_for_comms(True)
         unit.set_gradient_divide_factor(1.0)
