@@ -32,10 +32,11 @@ def test_loss_and_gradients_through_triton(pair, monkeypatch, layout):
 
 def test_the_kernels_ran_both_ways(pair, monkeypatch):
     """Guard against a silent fallback to the references: count the Triton launches of a
-    training step (forward: every vision, perceiver and decoder layer; backward: the same)."""
+    training step (attention forward and backward: every vision, perceiver and decoder layer;
+    RMSNorm backward: every norm of the decoder and the perceiver)."""
     _, ours = pair
     monkeypatch.setenv(kernels.KERNELS_ENV, "triton")
-    calls = {"forward": 0, "backward": 0}
+    calls = {"forward": 0, "backward": 0, "rms_norm_backward": 0}
 
     def counting(module, name, key):
         launch = getattr(module, name)
@@ -48,6 +49,7 @@ def test_the_kernels_ran_both_ways(pair, monkeypatch):
 
     counting(kernels.attention_prefill, "_launch", "forward")
     counting(kernels.attention_backward, "_launch_backward", "backward")
+    counting(kernels.rmsnorm, "_rms_norm_bwd_launch", "rms_norm_backward")
     pixel_values, pixel_mask = random_images([[(28, 28)]], seed=1)
     input_ids, attention_mask = left_pad([image_prompt_ids([1, 5, 6], 1, 4, [7, 8, 9])])
     labels = input_ids.masked_fill(input_ids >= 32000, -100)
@@ -56,5 +58,6 @@ def test_the_kernels_ran_both_ways(pair, monkeypatch):
     ours(input_ids, attention_mask, pixel_values, pixel_mask, labels=labels).loss.backward()
     config = ours.config
     layers = config.vision.num_hidden_layers + config.perceiver.resampler_depth + config.text.num_hidden_layers
-    assert calls == {"forward": layers, "backward": layers}
+    norms = 2 * config.text.num_hidden_layers + 1 + 3 * config.perceiver.resampler_depth + 1
+    assert calls == {"forward": layers, "backward": layers, "rms_norm_backward": norms}
     assert all(p.grad is not None for n, p in ours.named_parameters() if ".self_attn." in n and "vision" not in n)
