@@ -13,17 +13,22 @@
  * OpenMP threads (torch's own OpenMP runtime when loaded into a torch process).
  */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define MAX_ROWS 8
 #define ROW_BLOCK 16 /* output rows per OpenMP work item */
 
 typedef float v16f __attribute__((vector_size(64)));
-typedef int8_t v16i8 __attribute__((vector_size(16)));
+typedef int32_t v16i32 __attribute__((vector_size(64)));
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
 
 static inline v16f load_f32(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
+/* Widening goes through unsigned bytes: GCC vectorises uint8 -> int32 (vpmovzxbd on x86) but
+ * scalarises a signed int8 conversion; the offset is subtracted exactly, in int32. */
+static inline v16f int8_to_f32(const int8_t *p) {
+    v16u8 b; memcpy(&b, p, 16);
+    return __builtin_convertvector(__builtin_convertvector(b ^ 0x80, v16i32) - 128, v16f);
+}
 static inline float hsum(v16f v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
 static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
@@ -35,16 +40,22 @@ static void int8_rows_##MM(const float *x, int64_t K, const int8_t *q, int64_t n
                            float *y) {                                                           \
     for (int64_t n = n0; n < n1; n++) {                                                          \
         const int8_t *row = q + n * K;                                                           \
-        v16f acc[MM];                                                                            \
-        for (int m = 0; m < MM; m++) acc[m] = (v16f){0};                                         \
+        v16f acc[MM], acc2[MM]; /* two independent FMA chains per row of x */                    \
+        for (int m = 0; m < MM; m++) acc[m] = acc2[m] = (v16f){0};                               \
         int64_t k = 0;                                                                           \
+        for (; k + 32 <= K; k += 32) {                                                           \
+            v16f w = int8_to_f32(row + k), w2 = int8_to_f32(row + k + 16);                       \
+            for (int m = 0; m < MM; m++) {                                                       \
+                acc[m] += w * load_f32(x + m * K + k);                                           \
+                acc2[m] += w2 * load_f32(x + m * K + k + 16);                                    \
+            }                                                                                    \
+        }                                                                                        \
         for (; k + 16 <= K; k += 16) {                                                           \
-            v16i8 b; memcpy(&b, row + k, 16);                                                    \
-            v16f w = __builtin_convertvector(b, v16f);                                           \
+            v16f w = int8_to_f32(row + k);                                                       \
             for (int m = 0; m < MM; m++) acc[m] += w * load_f32(x + m * K + k);                  \
         }                                                                                        \
         for (int m = 0; m < MM; m++) {                                                           \
-            float sum = hsum(acc[m]);                                                            \
+            float sum = hsum(acc[m] + acc2[m]);                                                  \
             for (int64_t t = k; t < K; t++) sum += (float)row[t] * x[m * K + t];                 \
             y[m * N + n] = sum * scale[n] + (zero ? zero[n] * xsum[m] : 0.f);                    \
         }                                                                                        \
@@ -75,45 +86,65 @@ int qmm_int8(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, c
 
 /* ------------------------------------------------------------------------------------ int4 */
 /* Within a group of G columns, byte j holds column j (low nibble) and column j + G/2 (high
- * nibble), each as q + 8: the nibble times s, plus (z - 8 s) times the group's sum of x. */
+ * nibble), each as q + 8. Dequantizing is a table lookup: the group's 16 possible weights
+ * (q * s + z for q = -8..7) are one vector, and each nibble, widened to 32 bits, indexes it
+ * (__builtin_shuffle: one vpermps on AVX-512). Chunks of 16 bytes (32 weights) alternate
+ * between two sets of accumulators, held in registers, so consecutive chunks start
+ * independent FMA chains: two groups per step for G = 32, two chunks of a group otherwise. */
+
+static const v16f NIBBLE_VALUES = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+
+static inline v16f group_table(const uint16_t *scale, const uint16_t *zero, int64_t at) {
+    return NIBBLE_VALUES * bf16_to_f32(scale[at]) + (zero ? bf16_to_f32(zero[at]) : 0.f);
+}
+
+/* ACC[m] += the chunk of 16 bytes at BYTES (columns COL.. and COL + half..) times x */
+#define INT4_CHUNK(MM, ACC, TABLE, BYTES, COL)                                                    \
+    {                                                                                            \
+        v16u8 b; memcpy(&b, (BYTES), 16);                                                        \
+        v16f low = __builtin_shuffle((TABLE), __builtin_convertvector(b & 15, v16i32));          \
+        v16f high = __builtin_shuffle((TABLE), __builtin_convertvector(b >> 4, v16i32));         \
+        for (int m = 0; m < MM; m++)                                                             \
+            ACC[m] += low * load_f32(x + m * K + (COL)) + high * load_f32(x + m * K + (COL) + half); \
+    }
 
 #define INT4_ROWS(MM)                                                                             \
 static void int4_rows_##MM(const float *x, int64_t K, int64_t G, const uint8_t *p, int64_t n0,   \
                            int64_t n1, int64_t N, const uint16_t *scale, const uint16_t *zero,   \
-                           const float *xsum, float *y) {                                        \
+                           float *y) {                                                           \
     const int64_t groups = K / G, half = G / 2;                                                  \
     for (int64_t n = n0; n < n1; n++) {                                                          \
         const uint8_t *row = p + n * (K / 2);                                                    \
-        v16f acc[MM];                                                                            \
-        float offset[MM];                                                                        \
-        for (int m = 0; m < MM; m++) { acc[m] = (v16f){0}; offset[m] = 0.f; }                    \
-        for (int64_t g = 0; g < groups; g++) {                                                   \
-            const uint8_t *bytes = row + g * half;                                               \
-            v16f dot[MM];                                                                        \
-            for (int m = 0; m < MM; m++) dot[m] = (v16f){0};                                     \
-            for (int64_t j = 0; j < half; j += 16) {                                             \
-                v16u8 b; memcpy(&b, bytes + j, 16);                                              \
-                v16f low = __builtin_convertvector(b & 15, v16f);                                \
-                v16f high = __builtin_convertvector(b >> 4, v16f);                               \
-                for (int m = 0; m < MM; m++) {                                                   \
-                    const float *xg = x + m * K + g * G + j;                                     \
-                    dot[m] += low * load_f32(xg) + high * load_f32(xg + half);                   \
+        const int64_t first = n * groups;                                                        \
+        v16f acc0[MM], acc1[MM];                                                                 \
+        for (int m = 0; m < MM; m++) acc0[m] = acc1[m] = (v16f){0};                              \
+        if (half == 16) {                                                                        \
+            int64_t g = 0;                                                                       \
+            for (; g + 2 <= groups; g += 2) {                                                    \
+                v16f t0 = group_table(scale, zero, first + g), t1 = group_table(scale, zero, first + g + 1); \
+                INT4_CHUNK(MM, acc0, t0, row + g * 16, g * 32)                                   \
+                INT4_CHUNK(MM, acc1, t1, row + (g + 1) * 16, (g + 1) * 32)                       \
+            }                                                                                    \
+            if (g < groups) {                                                                    \
+                v16f t0 = group_table(scale, zero, first + g);                                   \
+                INT4_CHUNK(MM, acc0, t0, row + g * 16, g * 32)                                   \
+            }                                                                                    \
+        } else { /* half: a multiple of 32 */                                                    \
+            for (int64_t g = 0; g < groups; g++) {                                               \
+                v16f t = group_table(scale, zero, first + g);                                    \
+                for (int64_t j = 0; j < half; j += 32) {                                         \
+                    INT4_CHUNK(MM, acc0, t, row + g * half + j, g * G + j)                       \
+                    INT4_CHUNK(MM, acc1, t, row + g * half + j + 16, g * G + j + 16)             \
                 }                                                                                \
             }                                                                                    \
-            const float s = bf16_to_f32(scale[n * groups + g]);                                  \
-            const float b0 = (zero ? bf16_to_f32(zero[n * groups + g]) : 0.f) - 8.f * s;         \
-            for (int m = 0; m < MM; m++) {                                                       \
-                acc[m] += dot[m] * s;                                                            \
-                offset[m] += b0 * xsum[m * groups + g];                                          \
-            }                                                                                    \
         }                                                                                        \
-        for (int m = 0; m < MM; m++) y[m * N + n] = hsum(acc[m]) + offset[m];                    \
+        for (int m = 0; m < MM; m++) y[m * N + n] = hsum(acc0[m] + acc1[m]);                     \
     }                                                                                            \
 }
 INT4_ROWS(1) INT4_ROWS(2) INT4_ROWS(3) INT4_ROWS(4) INT4_ROWS(5) INT4_ROWS(6) INT4_ROWS(7) INT4_ROWS(8)
 
 typedef void (*int4_rows_fn)(const float *, int64_t, int64_t, const uint8_t *, int64_t, int64_t, int64_t,
-                             const uint16_t *, const uint16_t *, const float *, float *);
+                             const uint16_t *, const uint16_t *, float *);
 static const int4_rows_fn INT4_ROWS_FN[MAX_ROWS + 1] = {
     0, int4_rows_1, int4_rows_2, int4_rows_3, int4_rows_4, int4_rows_5, int4_rows_6, int4_rows_7, int4_rows_8};
 
@@ -122,16 +153,10 @@ static const int4_rows_fn INT4_ROWS_FN[MAX_ROWS + 1] = {
 int qmm_int4(const float *x, int64_t M, int64_t K, int64_t G, const uint8_t *packed, int64_t N,
              const uint16_t *scale, const uint16_t *zero, float *y, int threads) {
     if (M < 1 || M > MAX_ROWS || G % 32 || K % G) return 1;
-    const int64_t groups = K / G;
-    float *xsum = calloc((size_t)(M * groups), sizeof(float));
-    if (!xsum) return 2;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xsum[m * groups + k / G] += x[m * K + k];
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += ROW_BLOCK) {
         int64_t n1 = n0 + ROW_BLOCK < N ? n0 + ROW_BLOCK : N;
-        INT4_ROWS_FN[M](x, K, G, packed, n0, n1, N, scale, zero, xsum, y);
+        INT4_ROWS_FN[M](x, K, G, packed, n0, n1, N, scale, zero, y);
     }
-    free(xsum);
     return 0;
 }

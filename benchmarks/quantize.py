@@ -1,0 +1,564 @@
+"""Weight-only int8 / int4 against fp32 and bf16 (and the reference, transformers, fp32): decode
+speed, load, memory, and accuracy, on an 8B-wide checkpoint with realistic weight statistics.
+
+    python -m benchmarks.quantize                    # ops + decode + accuracy, ~15 min on 2 CPU cores
+    python -m benchmarks.quantize --parts ops        # one part: ops, decode, accuracy
+    python -m benchmarks.quantize --quick            # smoke run on a tiny checkpoint (the tests)
+
+The checkpoint (built once under weights/bench/, git-ignored): the real Idefics2-8B widths
+(decoder 4096 / 14336, 32 / 8 heads, vocab 32003; perceiver full, 3 layers; vision 1152, 2
+layers) with 2 decoder layers, e2e.py's "wide" shape, but with weights drawn to look like a
+trained LLM's where it matters for quantization, instead of plain Gaussians:
+
+    W[n, k] = 0.02 * r[n] * c[k] * z * exp(0.4 u)        z, u ~ N(0, 1)
+    r ~ LogNormal(0, 0.25) per output row, c ~ LogNormal(0, 0.25) per input column, and 0.5% of
+    the input columns (the same ones in every matrix reading the residual stream) 5x larger:
+
+heavy tails (a Gaussian scale mixture: kurtosis ~5.7 instead of 3), rows and columns of
+different sizes, and outlier input channels, which is what makes a per-channel or per-group
+absmax scale coarse. Norm weights ~ LogNormal(0, 0.2), embeddings N(0, 0.02).
+
+Parts (each variant in its own fresh process, page cache warm):
+  ops       one decode-sized linear (14336 x 4096, the MLP's gate/up; and the 32003-row lm_head)
+            at 1 and 8 rows: fp32 (ours: oneDNN/MKL), bf16, ours int8 / int4 (qmatmul.c), and torch's
+            packed CPU ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`): ms and GB/s of the
+            bytes each reads.
+  decode    per variant: load time and peak memory of the load (VmHWM above the process's RSS before
+            loading, against the loaded model's bytes), decode tokens/s at batch 1 and 8
+            ((t(33 new) - t(1 new)) / 32, greedy, medians), and decode as bandwidth: the bytes a step
+            reads (decoder + final norm + lm_head as stored, the B embedding rows, the KV cache)
+            times steps/s, against this machine's measured read bandwidth (torch.sum, common.py).
+            Variants: ours fp32 (mapped), ours bf16, ours int8 and int4 (g64, g32) quantized while
+            loading the fp32 files, int8/int4 loaded from quantized checkpoints, the reference fp32.
+  accuracy  the quantized models against ours fp32, same inputs: each quantized linear's output error
+            on its own input (relative Frobenius), teacher-forced top-1 agreement and mean NLL on a
+            ~200-token text, and greedy continuations (16 tokens) of 12 held prompts.
+
+Results: benchmarks/results/<machine>/quantize.md (+ .json). Other engineers' tests may share the
+CPU while it runs: each decode process records the other processes' CPU use (0% = quiet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import common
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "QUANTIZE-RESULT "
+NEW_TOKENS = 33
+HELD_PROMPTS = [
+    "User: Write a short story about a lighthouse keeper who finds a message in a bottle.<end_of_utterance>\nAssistant:",
+    "User: What is the capital of France?<end_of_utterance>\nAssistant:",
+    "User: Explain in simple words why the sky is blue during the day and red at sunset.<end_of_utterance>\nAssistant:",
+    "User: List three fruits.<end_of_utterance>\nAssistant:",
+    "User: Translate 'good morning, how are you today?' into German and Italian.<end_of_utterance>\nAssistant:",
+    "User: How many legs does a spider have, and how many does an insect have?<end_of_utterance>\nAssistant:",
+    "User: Give me a recipe idea with tomatoes, basil and some cheese.<end_of_utterance>\nAssistant:",
+    "User: Hello!<end_of_utterance>\nAssistant:",
+    "User: Summarise the plot of a detective novel in two sentences.<end_of_utterance>\nAssistant:",
+    "User: Which is heavier, a kilogram of feathers or a kilogram of iron?<end_of_utterance>\nAssistant:",
+    "User: Describe the smell of rain to someone who has never experienced it.<end_of_utterance>\nAssistant:",
+    "User: Suggest a name for a small bakery by the sea.<end_of_utterance>\nAssistant:",
+]
+TEXT = (
+    "The lighthouse stood at the edge of the cliff, its white paint peeling in long strips after decades of salt "
+    "and wind. Every evening the keeper climbed the one hundred and twelve steps to the lamp room, wiped the great "
+    "lens with a soft cloth, and lit the wick. Ships passing in the night saw the beam sweep across the water once "
+    "every ten seconds, a signal that had not changed in a hundred years. One morning, walking along the shore "
+    "below, the keeper found a green glass bottle wedged between two rocks. Inside was a rolled sheet of paper, "
+    "dry despite the sea, and on it, in careful handwriting, a single question: who keeps the light when the "
+    "keeper sleeps? He read it three times, then put it in his pocket and went back up the hill to make tea."
+)
+
+
+# ============================================================================ the checkpoint
+
+
+def bench_config(quick: bool):
+    import idefics2_mini as im  # noqa: PLC0415
+
+    if quick:
+        return im.Idefics2Config(
+            vision=im.VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4),
+            perceiver=im.PerceiverConfig(hidden_size=128, resampler_n_latents=64, resampler_depth=1,
+                                         resampler_n_heads=4, resampler_head_dim=32, num_key_value_heads=2),
+            text=im.TextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=32),
+        )
+    return im.Idefics2Config(vision=im.VisionConfig(num_hidden_layers=2), perceiver=im.PerceiverConfig(),
+                             text=im.TextConfig(num_hidden_layers=2))
+
+
+def realistic_tensor(name: str, shape: list[int], generator: torch.Generator, outlier_columns: torch.Tensor,
+                     width: int) -> torch.Tensor:
+    """One tensor of the checkpoint, drawn as the module docstring says."""
+    if len(shape) == 1:
+        if name.endswith("bias"):
+            return torch.randn(shape, generator=generator) * 0.01
+        return torch.exp(torch.randn(shape, generator=generator) * 0.2)  # norm weights
+    if "embed" in name or "position_embedding" in name or "latents" in name:
+        return torch.randn(shape, generator=generator) * 0.02
+    rows, cols = shape[0], math.prod(shape[1:])
+    weight = torch.randn(rows, cols, generator=generator)
+    weight *= torch.exp(0.4 * torch.randn(rows, cols, generator=generator))
+    row_scale = torch.exp(0.25 * torch.randn(rows, 1, generator=generator))
+    col_scale = torch.exp(0.25 * torch.randn(1, cols, generator=generator))
+    if cols == width:  # reads the residual stream: the shared outlier channels
+        col_scale[0, outlier_columns] *= 5.0
+    weight *= row_scale * col_scale * 0.02
+    return weight.view(shape)
+
+
+def build_checkpoint(path: Path, quick: bool) -> None:
+    """Write the checkpoint tensor by tensor into shards of <= 2 GiB (never the whole model in
+    memory); a BUILT marker with the config says it is complete."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    import idefics2_mini as im  # noqa: PLC0415
+    from idefics2_mini import loading  # noqa: PLC0415
+
+    config = bench_config(quick)
+    marker = json.dumps(config.to_dict(), sort_keys=True) + " realistic-v1"
+    if (path / "BUILT").is_file() and (path / "BUILT").read_text() == marker:
+        return
+    print(f"building {path} ...", flush=True)
+    staging = path.with_name(path.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with torch.device("meta"):
+        model = im.Idefics2(config)
+    generator = torch.Generator().manual_seed(0)
+    width = config.text.hidden_size
+    outliers = torch.randperm(width, generator=generator)[: max(1, width // 200)]
+    shard, shard_bytes, shards, weight_map = {}, 0, [], {}
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            save_file(shard, str(staging / f"shard-{len(shards) + 1}"), metadata={"format": "pt"})
+            shards.append(list(shard))
+            shard, shard_bytes = {}, 0
+
+    for name, param in model.named_parameters():
+        official = loading.ours_to_official(name)
+        tensor = realistic_tensor(name, list(param.shape), generator, outliers, width).contiguous()
+        if shard_bytes + tensor.numel() * 4 > 2 * 2**30:
+            flush()
+        shard[official] = tensor
+        shard_bytes += tensor.numel() * 4
+    flush()
+    total = len(shards)
+    for index, names in enumerate(shards, start=1):
+        final = f"model-{index:05d}-of-{total:05d}.safetensors"
+        (staging / f"shard-{index}").rename(staging / final)
+        weight_map.update({n: final for n in names})
+    (staging / loading.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    config.save(staging)
+    (staging / "BUILT").write_text(marker)
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+
+
+def quantized_checkpoint(source: Path, method: str, group: int | None) -> Path:
+    """`python -m idefics2_mini quantize` of the benchmark checkpoint, written once."""
+    out = source.with_name(f"{source.name}-{method}" + (f"-g{group}" if group else ""))
+    marker = (source / "BUILT").read_text()
+    if (out / "BUILT").is_file() and (out / "BUILT").read_text() == marker:
+        return out
+    command = [sys.executable, "-m", "idefics2_mini", "quantize", "--weights", str(source), "--bits", method[-1],
+               "--out", str(out)] + (["--group-size", str(group)] if group else [])
+    subprocess.run(command, cwd=ROOT, check=True)
+    (out / "BUILT").write_text(marker)
+    return out
+
+
+def warm(path: Path) -> None:
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            while f.read(64 * 2**20):
+                pass
+
+
+# ============================================================================ one measuring process
+
+
+def step_bytes(model, batch: int, context: float) -> int:
+    """Bytes a decode step of ours reads: decoder layers, final norm and lm_head as stored, the B
+    embedding rows, the K and V cache of `context` tokens (capped at the window)."""
+    text = model.config.text
+    tensors = [*model.text.layers.parameters(), *model.text.layers.buffers(), *model.text.norm.parameters(),
+               *model.lm_head.parameters(), *model.lm_head.buffers()]
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    element = model.text.embed_tokens.weight.element_size()
+    context = min(context, text.sliding_window or context)
+    kv = text.num_hidden_layers * 2 * batch * text.num_key_value_heads * text.head_dim * context * element
+    return int(weights + batch * text.hidden_size * element + kv)
+
+
+def reference_step_bytes(config, batch: int, context: float) -> int:
+    text = config.text
+    width, q, kv_width = text.hidden_size, text.num_attention_heads * text.head_dim, \
+        text.num_key_value_heads * text.head_dim
+    per_layer = width * q + 2 * width * kv_width + q * width + 3 * width * text.intermediate_size + 2 * width
+    weights = text.num_hidden_layers * per_layer + width + text.vocab_size * width + batch * width
+    kv = text.num_hidden_layers * 2 * batch * kv_width * min(context, text.sliding_window or context)
+    return 4 * (weights + kv)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def child(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    start = time.perf_counter()
+    if spec["impl"] == "reference":
+        import transformers  # noqa: PLC0415
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    import idefics2_mini as im  # noqa: PLC0415
+
+    result = {"import_s": time.perf_counter() - start}
+    base = rss_mib()
+    busy_before = common.cpu_busy_seconds()
+    own_before = time.process_time()
+    wall_before = time.perf_counter()
+    start = time.perf_counter()
+    if spec["impl"] == "reference":
+        from transformers import Idefics2ForConditionalGeneration  # noqa: PLC0415
+
+        model = Idefics2ForConditionalGeneration.from_pretrained(spec["checkpoint"], dtype=torch.float32).eval()
+
+        def generate(batch, new):
+            with torch.inference_mode():
+                return model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    else:
+        from idefics2_mini.quantize import QuantSpec  # noqa: PLC0415
+
+        method, _, group = (spec.get("quantize") or "").partition(":")  # "int4:32": groups of 32
+        quantize = QuantSpec.parse(method, int(group) if group else None) if method else None
+        model = im.Idefics2.from_pretrained(spec["checkpoint"], dtype=getattr(torch, spec["dtype"]), quantize=quantize)
+
+        def generate(batch, new):
+            return model.generate(**batch, max_new_tokens=new, do_sample=False, eos_token_id=[])
+    result["load_s"] = time.perf_counter() - start
+    hwm = common.peak_rss_mib()
+    result["load_peak_above_base_mib"] = hwm - base
+    tensors = [*model.parameters(), *model.buffers()]
+    seen = {id(t): t for t in tensors}
+    result["model_mib"] = sum(t.numel() * t.element_size() for t in seen.values()) / 2**20
+    inputs = torch.load(spec["inputs"])
+    for key in ("text_b1", "text_b8"):
+        batch = inputs[key]
+        size, prompt_len = batch["input_ids"].shape
+        generate(batch, 1)
+        short, long = [], []
+        for _ in range(spec["repeats"]):
+            short.append(common.time_once(lambda: generate(batch, 1), torch.device("cpu")))
+            long.append(common.time_once(lambda: generate(batch, NEW_TOKENS), torch.device("cpu")))
+        step = (statistics.median(long) - statistics.median(short)) / (NEW_TOKENS - 1)
+        context = prompt_len + NEW_TOKENS / 2
+        nbytes = (reference_step_bytes(model.config, size, context) if spec["impl"] == "reference"
+                  else step_bytes(model, size, context))
+        result[f"decode_{key[-2:]}"] = dict(batch=size, step_s=step, tokens_per_s=size / step, step_bytes=nbytes,
+                                            gbs=nbytes / step / 1e9, t1=short, tn=long)
+        print(f"    [{spec['name']}] decode batch {size}: {size / step:.2f} tok/s ({nbytes / step / 1e9:.1f} GB/s)",
+              file=sys.stderr, flush=True)
+    busy_after = common.cpu_busy_seconds()
+    if busy_before is not None and busy_after is not None:
+        wall = time.perf_counter() - wall_before
+        others = (busy_after - busy_before) - (time.process_time() - own_before)
+        result["others_cpu"] = max(0.0, others) / (wall * common.usable_cores())
+    result["peak_rss_mib"] = common.peak_rss_mib()
+    return result
+
+
+# ============================================================================ parts
+
+
+def run_ops(threads: int, quick: bool) -> list[dict]:
+    """One linear at decode sizes, every implementation (see the module docstring)."""
+    from idefics2_mini.backends import cpu as cpu_backend  # noqa: PLC0415
+    from idefics2_mini.quantize import QuantizedLinear, QuantSpec, cpu  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    shapes = [(256, 128)] if quick else [(14336, 4096), (32003, 4096)]
+    rows_list = (1, 8)
+    out = []
+    for n, k in shapes:
+        weight = torch.randn(n, k) * 0.02
+        linear = torch.nn.Linear(k, n, bias=False).requires_grad_(False)
+        linear.weight.copy_(weight)
+        q8 = QuantizedLinear.from_linear(linear, QuantSpec(8))
+        q4 = {g: QuantizedLinear.from_linear(linear, QuantSpec(4, g)) for g in (32, 64, 128)}
+        w_bf16 = weight.bfloat16()
+        # torch's packed ops, in their own layouts
+        int4_packed = {}
+        for g, layer in q4.items():
+            from kernels.dequant_matmul import unpack_int4  # noqa: PLC0415
+
+            nibbles = (unpack_int4(layer.qweight, g).to(torch.int32) + 8).contiguous()
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
+            scales_zeros = torch.stack([layer.scales.float(), layer.zeros.float()], -1).transpose(0, 1).contiguous()
+            int4_packed[g] = (packed, scales_zeros)
+        for rows in rows_list:
+            x = torch.randn(rows, k)
+            xb = x.bfloat16()
+            seconds = 0.5 if quick else 3.0
+
+            def entry(label, fn, nbytes):
+                us = common.median_call_us(fn, seconds)
+                out.append(dict(shape=f"{n}x{k}", rows=rows, impl=label, ms=us / 1e3, gbs=nbytes / us / 1e3))
+                print(f"  {n}x{k} rows {rows}: {label:<48} {us / 1e3:8.3f} ms {nbytes / us / 1e3:6.1f} GB/s", flush=True)
+
+            entry("fp32 (ours: CpuLinear)", lambda: cpu_backend.linear(x, weight), weight.numel() * 4)
+            entry("bf16 (F.linear)", lambda: torch.nn.functional.linear(xb, w_bf16), weight.numel() * 2)
+            q8_bytes = q8.qweight.numel() + q8.scales.numel() * 4
+            entry("int8, ours (qmatmul.c), fp32 x", lambda: q8(x), q8_bytes)
+            entry("int8, torch _weight_int8pack_mm, bf16 x",
+                  lambda: torch.ops.aten._weight_int8pack_mm(xb, q8.qweight, q8.scales.view(-1).bfloat16()), q8_bytes)
+            entry("int8, torch _weight_int8pack_mm, fp32 x",
+                  lambda: torch.ops.aten._weight_int8pack_mm(x, q8.qweight, q8.scales.view(-1)), q8_bytes)
+            for g, layer in q4.items():
+                nbytes = layer.qweight.numel() + 2 * layer.scales.numel() * 2
+                entry(f"int4 g{g} asym, ours (qmatmul.c), fp32 x", lambda layer=layer: layer(x), nbytes)
+                packed, scales_zeros = int4_packed[g]
+                sz_bf16 = scales_zeros.bfloat16()
+                entry(f"int4 g{g} asym, torch _weight_int4pack_mm_for_cpu, bf16 x",
+                      lambda packed=packed, sz=sz_bf16, g=g: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, g, sz),
+                      nbytes)
+            if not cpu.available():
+                print(f"  (qmatmul.c not built: {cpu.build_error()}; 'ours' rows are the fallback)", flush=True)
+    return out
+
+
+def run_decode(args, path: Path, inputs: Path) -> dict:
+    variants = [
+        dict(name="ours fp32", dtype="float32", checkpoint=str(path)),
+        dict(name="ours bf16", dtype="bfloat16", checkpoint=str(path)),
+        dict(name="ours int8 (quantized while loading fp32 files)", dtype="float32", checkpoint=str(path),
+             quantize="int8"),
+        dict(name="ours int4 g64 (quantized while loading fp32 files)", dtype="float32", checkpoint=str(path),
+             quantize="int4" if not args.quick else "int4:32"),
+        dict(name="ours int8 (from the int8 checkpoint)", dtype="float32",
+             checkpoint=str(quantized_checkpoint(path, "int8", None))),
+        dict(name="ours int4 g64 (from the int4 checkpoint)", dtype="float32",
+             checkpoint=str(quantized_checkpoint(path, "int4", 64 if not args.quick else 32))),
+        dict(name="ours int4 g32 (from the int4 checkpoint)", dtype="float32",
+             checkpoint=str(quantized_checkpoint(path, "int4", 32))),
+    ]
+    if not args.quick and not args.no_reference:
+        variants.append(dict(name="reference fp32 (transformers)", impl="reference", checkpoint=str(path)))
+    results = {}
+    for variant in variants:
+        spec = {"impl": "ours", "threads": args.threads, "repeats": 1 if args.quick else args.repeats,
+                "inputs": str(inputs), **variant}
+        common.wait_for_quiet_machine(args.max_wait, log=lambda m: print(m, flush=True))
+        warm(Path(spec["checkpoint"]))
+        print(f"  {variant['name']} ...", flush=True)
+        process = subprocess.run([sys.executable, "-m", "benchmarks.quantize", "--child", json.dumps(spec)],
+                                 cwd=ROOT, capture_output=True, text=True)
+        sys.stderr.write(process.stderr[-3000:])
+        if process.returncode != 0:
+            raise RuntimeError(f"{variant['name']} failed:\n{process.stderr[-3000:]}")
+        line = next(l for l in reversed(process.stdout.splitlines()) if l.startswith(RESULT_PREFIX))
+        results[variant["name"]] = json.loads(line[len(RESULT_PREFIX):])
+    return results
+
+
+def run_accuracy(path: Path, quick: bool) -> dict:
+    """Quantized models against ours fp32 (module docstring)."""
+    import idefics2_mini as im  # noqa: PLC0415
+    from idefics2_mini.processor import Idefics2Processor  # noqa: PLC0415
+    from idefics2_mini.quantize import QuantizedLinear, QuantSpec  # noqa: PLC0415
+
+    processor = Idefics2Processor.from_pretrained(None)
+    text_ids = processor(text=TEXT)["input_ids"]
+    held = processor(text=HELD_PROMPTS[:4] if quick else HELD_PROMPTS)
+    reference = im.Idefics2.from_pretrained(path)
+    new = 4 if quick else 16
+    with torch.no_grad():
+        ref_logits = reference(text_ids)[0].float()
+        ref_greedy = reference.generate(**held, max_new_tokens=new, do_sample=False, eos_token_id=[])
+    targets = text_ids[0, 1:]
+    ref_nll = torch.nn.functional.cross_entropy(ref_logits[:-1], targets).item()
+    ref_top = ref_logits.topk(2, dim=-1).values
+    results = {"text_tokens": int(text_ids.shape[1]), "held_prompts": int(held["input_ids"].shape[0]),
+               "new_tokens": new, "nll_fp32": ref_nll,
+               "fp32_top1_margin_median": (ref_top[:, 0] - ref_top[:, 1]).median().item(),
+               "fp32_logit_std": ref_logits.std().item(), "variants": {}}
+    prompt_len = held["input_ids"].shape[1]
+    specs = [("int8", QuantSpec(8)), ("int4 g128", QuantSpec(4, 128)), ("int4 g64", QuantSpec(4, 64)),
+             ("int4 g32", QuantSpec(4, 32)), ("int4 g64 symmetric", QuantSpec(4, 64, symmetric=True))]
+    for name, spec in specs[::3] if quick else specs:  # the tiny model's widths fit groups of 32 only
+        model = im.Idefics2.from_pretrained(path, quantize=spec)
+        errors: dict[str, list[float]] = {}
+        hooks = []
+        for layer_name, layer in model.named_modules():
+            if isinstance(layer, QuantizedLinear):
+                float_weight = reference.get_submodule(layer_name).weight
+
+                def hook(module, inputs, output, layer_name=layer_name, float_weight=float_weight):
+                    exact = torch.nn.functional.linear(inputs[0].float(), float_weight.float())
+                    error = ((output.float() - exact).norm() / exact.norm()).item()
+                    kind = layer_name.split(".")[-1] if layer_name.startswith("text.") or layer_name == "lm_head" \
+                        else "connector." + layer_name.split(".")[-1]
+                    errors.setdefault(kind, []).append(error)
+
+                hooks.append(layer.register_forward_hook(hook))
+        with torch.no_grad():
+            logits = model(text_ids)[0].float()
+        for hook in hooks:
+            hook.remove()
+        with torch.no_grad():
+            greedy = model.generate(**held, max_new_tokens=new, do_sample=False, eos_token_id=[])
+        mine, theirs = greedy[:, prompt_len:], ref_greedy[:, prompt_len:]
+        same_prefix = [int((a != b).nonzero()[0, 0]) if (a != b).any() else new for a, b in zip(mine, theirs)]
+        nll = torch.nn.functional.cross_entropy(logits[:-1], targets).item()
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True,
+                                        reduction="batchmean").item()
+        results["variants"][name] = dict(
+            spec=spec.to_config(),
+            layer_error={kind: statistics.mean(values) for kind, values in sorted(errors.items())},
+            top1_agreement=(logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
+            nll=nll, nll_diff=nll - ref_nll, kl=kl,
+            greedy_identical=sum(p == new for p in same_prefix), greedy_first_token=sum(p > 0 for p in same_prefix),
+            greedy_tokens_agreeing=(mine == theirs).float().mean().item(), greedy_prefix=same_prefix,
+            logits_rel_err=((logits - ref_logits).abs().max() / ref_logits.abs().max()).item(),
+        )
+        v = results["variants"][name]
+        print(f"  {name}: top-1 {100 * v['top1_agreement']:.1f}%, NLL {nll:.4f} ({v['nll_diff']:+.4f}), "
+              f"greedy identical {v['greedy_identical']}/{len(same_prefix)}, first token "
+              f"{v['greedy_first_token']}/{len(same_prefix)}", flush=True)
+        del model
+    return results
+
+
+# ============================================================================ report
+
+
+def write_report(out_dir: Path, info: dict, args, bandwidth: float, ops, decode, accuracy, path: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Weight-only quantization — {info['device']}", "",
+             f"- machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM; torch {info['torch']}, "
+             f"{args.threads} threads; {info['date']}",
+             f"- run: `python -m benchmarks.quantize {' '.join(sys.argv[1:])}`",
+             f"- measured read bandwidth (torch.sum over 1 GiB fp32): **{bandwidth:.1f} GB/s**",
+             f"- checkpoint: `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}` "
+             "(8B widths, 2 decoder layers, realistic weight statistics: see the benchmark's docstring)",
+             "- the CPU is shared with other engineers' tests and benchmarks: figures may be lower than on a quiet "
+             "machine (each decode row gives the other processes' CPU use)", ""]
+    if ops:
+        lines += ["## One linear at decode sizes", "", "| weight | rows | implementation | ms | GB/s read | share of bandwidth |",
+                  "|---|---:|---|---:|---:|---:|"]
+        for r in ops:
+            lines.append(f"| {r['shape']} | {r['rows']} | {r['impl']} | {r['ms']:.3f} | {r['gbs']:.1f} | "
+                         f"{100 * r['gbs'] / bandwidth:.0f}% |")
+        lines.append("")
+    if decode:
+        best_float = max(decode[n]["decode_b1"]["tokens_per_s"] for n in decode if n.startswith("ours fp32")
+                         or n.startswith("ours bf16"))
+        lines += ["## Decode, load and memory", "",
+                  f"Speed-up = batch-1 tokens/s over the faster of ours fp32 / bf16 ({best_float:.2f} tok/s). "
+                  "Load peak = VmHWM above the process's RSS before loading; its ratio is to the loaded model's bytes.",
+                  "", "| variant | load s | load peak MiB | model MiB | peak / model | b1 tok/s | b8 tok/s | "
+                  "speed-up b1 | GB/step b1 | GB/s b1 | share of bandwidth b1 | others' CPU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in decode.items():
+            b1, b8 = r["decode_b1"], r["decode_b8"]
+            lines.append(
+                f"| {name} | {r['load_s']:.2f} | {r['load_peak_above_base_mib']:,.0f} | {r['model_mib']:,.0f} | "
+                f"{r['load_peak_above_base_mib'] / r['model_mib']:.2f} | {b1['tokens_per_s']:.2f} | "
+                f"{b8['tokens_per_s']:.2f} | {b1['tokens_per_s'] / best_float:.2f}x | {b1['step_bytes'] / 1e9:.3f} | "
+                f"{b1['gbs']:.1f} | {100 * b1['gbs'] / bandwidth:.0f}% | {100 * r.get('others_cpu', float('nan')):.0f}% |")
+        lines.append("")
+    if accuracy:
+        lines += ["## Accuracy against ours fp32", "",
+                  f"Teacher-forced on a {accuracy['text_tokens']}-token text (fp32 NLL {accuracy['nll_fp32']:.4f}; "
+                  f"fp32 logits: std {accuracy['fp32_logit_std']:.2f}, median top-1 margin "
+                  f"{accuracy['fp32_top1_margin_median']:.3f}); greedy: {accuracy['held_prompts']} held prompts x "
+                  f"{accuracy['new_tokens']} new tokens (batch, left-padded).", "",
+                  "| variant | top-1 agreement | NLL diff | KL (nats/token) | max logit err / max logit | "
+                  "greedy identical | greedy first token same | greedy tokens same |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, v in accuracy["variants"].items():
+            n = accuracy["held_prompts"]
+            lines.append(f"| {name} | {100 * v['top1_agreement']:.1f}% | {v['nll_diff']:+.4f} | {v['kl']:.4f} | "
+                         f"{v['logits_rel_err']:.3f} | {v['greedy_identical']}/{n} | {v['greedy_first_token']}/{n} | "
+                         f"{100 * v['greedy_tokens_agreeing']:.0f}% |")
+        kinds = sorted({k for v in accuracy["variants"].values() for k in v["layer_error"]})
+        lines += ["", "Per-layer output error (relative Frobenius norm of y_quantized - x W_fp32^T on the layer's own "
+                  "input, mean over layers of a kind):", "", "| variant | " + " | ".join(kinds) + " |",
+                  "|---|" + "---:|" * len(kinds)]
+        for name, v in accuracy["variants"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * v['layer_error'].get(k, float('nan')):.2f}%"
+                                                      for k in kinds) + " |")
+        lines.append("")
+    (out_dir / "quantize.md").write_text("\n".join(lines))
+    (out_dir / "quantize.json").write_text(json.dumps(dict(info=info, bandwidth_gbs=bandwidth, ops=ops, decode=decode,
+                                                           accuracy=accuracy), indent=1) + "\n")
+    print(f"wrote {out_dir / 'quantize.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default="ops,decode,accuracy")
+    parser.add_argument("--threads", type=int, default=common.usable_cores())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-wait", type=float, default=60.0)
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny checkpoint, one repeat (smoke test)")
+    parser.add_argument("--weights", default=str(ROOT / "weights" / "bench"))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.max_wait = 0.0
+    if args.child:
+        print(RESULT_PREFIX + json.dumps(child(json.loads(args.child))), flush=True)
+        return
+    torch.set_num_threads(args.threads)
+    info = common.machine_info(torch.device("cpu"), args.threads)
+    out_dir = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / common.slug(info["device"])
+    parts = set(args.parts.split(","))
+    path = Path(args.weights) / ("quantize-tiny" if args.quick else "quantize-wide")
+    common.wait_for_quiet_machine(args.max_wait, log=lambda m: print(m, flush=True))
+    bandwidth = common.measure_read_bandwidth(torch.device("cpu"), gib=0.25 if args.quick else 1.0)
+    print(f"measured read bandwidth: {bandwidth:.1f} GB/s", flush=True)
+    previous = {}
+    if (out_dir / "quantize.json").is_file() and not args.quick:  # a part run alone keeps the others' results
+        previous = json.loads((out_dir / "quantize.json").read_text())
+    ops = run_ops(args.threads, args.quick) if "ops" in parts else previous.get("ops")
+    decode = accuracy = None
+    if "decode" in parts or "accuracy" in parts:
+        build_checkpoint(path, args.quick)
+    if "decode" in parts:
+        from benchmarks.e2e import make_inputs  # noqa: PLC0415
+
+        inputs = Path(args.weights) / "quantize-inputs.pt"
+        make_inputs(inputs)
+        decode = run_decode(args, path, inputs)
+    else:
+        decode = previous.get("decode")
+    accuracy = run_accuracy(path, args.quick) if "accuracy" in parts else previous.get("accuracy")
+    if args.quick and not args.out:
+        return
+    write_report(out_dir, info, args, bandwidth, ops, decode, accuracy, path)
+
+
+if __name__ == "__main__":
+    main()
