@@ -75,11 +75,15 @@ from benchmarks.e2e_child import RESULT_PREFIX
 from benchmarks.e2e_report import build_rows, fmt, print_rows, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPLS = ("ours", "reference", "ours_compiled", "reference_compiled")
+IMPLS = ("ours", "reference", "ours_compiled", "reference_compiled", "ours_int8", "ours_int4")
 # The compiled variants measure decode only (what compiling changes), each in its own process with
 # an empty Inductor cache, so the compile time they report is what a first run pays:
 #   ours_compiled       `compile_decode(model)` (torch.compile of the decode step; opt-in)
 #   reference_compiled  transformers' own recipe: a static KV cache + `compile_config` in generate
+# The quantized variants (decode, load and memory only) load the same fp32 files quantized on the way
+# (idefics2_mini/quantize/; benchmarks/quantize.py measures them in depth, accuracy included):
+#   ours_int8           from_pretrained(quantize="int8"): per-channel int8 decoder, connector, lm_head
+#   ours_int4           from_pretrained(quantize="int4"): group-wise int4 (groups of 64, asymmetric)
 #                       (it compiles automatically on GPUs; on a CPU `_compile_all_devices` asks it to)
 
 
@@ -420,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
             # More load timings, each in a fresh process, alternating; at least one, which also times
             # ours copying (mmap=False) without inflating a measuring process's peak memory.
             for _ in range(max(repeats - args.rounds, 1)):
-                for impl in (impl for impl in impls if not impl.endswith("_compiled")):
+                for impl in (impl for impl in impls if impl in ("ours", "reference")):
                     extra = run_child({**spec, "impl": impl, "load_only": True})
                     results[impl]["load_runs_s"].append(extra["load_s"])
                     results[impl]["first_token_runs_s"].append(extra["first_token_s"])

@@ -33,6 +33,7 @@ def child_main(spec: dict) -> dict:
     result: dict = {"rss_start_mib": common.peak_rss_mib()}
 
     compiled = spec["impl"].endswith("_compiled")
+    quantized = spec["impl"].removeprefix("ours_") if spec["impl"] in ("ours_int8", "ours_int4") else None
     start = time.perf_counter()
     if spec["impl"].startswith("ours"):
         import idefics2_mini as im  # noqa: PLC0415
@@ -40,7 +41,7 @@ def child_main(spec: dict) -> dict:
         result["import_s"] = time.perf_counter() - start
 
         def load():
-            return im.Idefics2.from_pretrained(path, dtype=dtype, device=device)
+            return im.Idefics2.from_pretrained(path, dtype=dtype, device=device, quantize=quantized)
 
         def generate(model, batch, new_tokens):
             return model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
@@ -104,7 +105,7 @@ def child_main(spec: dict) -> dict:
     def wait_for_quiet() -> None:  # before each group of timed runs; a neighbour may have started meanwhile
         common.wait_for_quiet_machine(spec["max_wait_s"] / 4, log=lambda message: _log(spec, message.strip()))
 
-    prefills = {} if compiled else {"image": "prefill_s", "image_split": "prefill_split_s"}
+    prefills = {} if compiled or quantized else {"image": "prefill_s", "image_split": "prefill_split_s"}
     result["raw"] = {}
     wait_for_quiet()
     for key in spec["prefill_warmup"] if prefills else ():

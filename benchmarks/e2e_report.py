@@ -112,6 +112,7 @@ def build_rows(model: BenchModel, config, results: dict[str, dict], read_gbs: fl
                         get(ref, f"decode_{size}", "tokens_per_s"), "higher",
                         f"ours/ref >= {decode_target:g}" if applies else "", decode_target if applies else None))
     rows += compiled_decode_rows(model, results, decode_target)
+    rows += quantized_rows(model, config, results, read_gbs)
     element = torch.finfo(getattr(torch, model.dtype)).bits // 8
     for size in ("b1", "b8"):
         if image is None:
@@ -175,6 +176,51 @@ def compiled_decode_rows(model: BenchModel, results: dict[str, dict], decode_tar
                                     f"({decode_target_steps(any_result)} tokens)", "s", first(ours_c), first(ref_c),
                         "lower"))
     return rows
+
+
+def quantized_rows(model: BenchModel, config, results: dict[str, dict], read_gbs: float) -> list[Row]:
+    """Rows for ours with weight-only int8 / int4 (quantized while loading the fp32 files) against
+    the reference (fp32): decode tokens/s, decode as read bandwidth (the quantized bytes a step
+    reads), load time and peak memory. Targets (issue 15) are judged in benchmarks/quantize.py."""
+    ref = results.get("reference")
+    rows = []
+    for impl, bits in (("ours_int8", 8), ("ours_int4", 4)):
+        mine = results.get(impl)
+        if mine is None:
+            continue
+        label = f"int{bits}"
+        for size in ("b1", "b8"):
+            decode = mine[f"decode_{size}"]
+            rows.append(Row(model.name, f"decode batch {decode['batch']}, ours {label} vs reference fp32", "tokens/s",
+                            decode["tokens_per_s"], None if ref is None else ref[f"decode_{size}"]["tokens_per_s"],
+                            "higher"))
+            context = decode["prompt_tokens"] + decode_target_steps(mine) / 2
+            step_bytes = quantized_decode_bytes(config, decode["batch"], context, bits)
+            gbs = step_bytes / decode["step_s"] / 1e9
+            rows.append(Row(model.name, f"decode batch {decode['batch']}, ours {label}: share of measured read "
+                                        f"bandwidth ({step_bytes / 1e9:.3g} GB/step)", "fraction", gbs / read_gbs,
+                            None, "higher"))
+        rows.append(Row(model.name, f"load, ours {label} (quantizing the fp32 files) vs reference", "s",
+                        statistics.median(mine["load_runs_s"]),
+                        None if ref is None else statistics.median(ref["load_runs_s"]), "lower"))
+        rows.append(Row(model.name, f"peak RSS of the whole run, ours {label} vs reference", "MiB",
+                        mine.get("peak_rss_mib"), None if ref is None else ref.get("peak_rss_mib"), "lower"))
+    return rows
+
+
+def quantized_decode_bytes(config, batch: int, context: float, bits: int) -> float:
+    """`decode_bytes_per_step` with the decoder's linears and the lm_head stored as
+    idefics2_mini/quantize/ stores them: int8 + an fp32 scale per row, or int4 + bf16 scale and
+    zero per group of 64; norms, the gathered embedding rows and the KV cache in fp32."""
+    text = config.text
+    width, q_width = text.hidden_size, text.num_attention_heads * text.head_dim
+    kv_width = text.num_key_value_heads * text.head_dim
+    linears = text.num_hidden_layers * (width * q_width + 2 * width * kv_width + q_width * width
+                                        + 3 * width * text.intermediate_size) + text.vocab_size * width
+    rows = text.num_hidden_layers * (q_width + 2 * kv_width + 2 * width + 2 * text.intermediate_size) + text.vocab_size
+    quantized = linears + 4 * rows if bits == 8 else linears / 2 + linears / 64 * 4
+    floats = decode_bytes_per_step(config, batch, context, 4) - 4 * linears
+    return quantized + floats
 
 
 def decode_target_steps(result: dict) -> int:

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_e2e_benchmark_quick_run(tmp_path):
     # With the compiled variants (their first decode compiles: ~15 s each on 2 cores).
+    # And the weight-only quantized variants (decode, load, memory).
     impls = ("ours,reference,ours_compiled,reference_compiled" if importlib.util.find_spec("transformers")
-             else "ours,ours_compiled")
+             else "ours,ours_compiled") + ",ours_int8,ours_int4"
     out, weights = tmp_path / "results", tmp_path / "weights"
     process = subprocess.run(
         [sys.executable, "-m", "benchmarks.e2e", "--quick", "--impls", impls,
@@ -42,6 +43,9 @@ def test_e2e_benchmark_quick_run(tmp_path):
         assert all(float(rows[name]["reference"]) > 0 for name in compiled)
         assert "greedy batch-1 outputs of ours and reference agree on" in markdown
         assert "greedy batch-1 outputs of ours_compiled and reference agree on" in markdown
+    for bits in (8, 4):
+        quantized = [name for name in rows if f"ours int{bits} vs reference" in name and name.startswith("decode")]
+        assert len(quantized) == 2 and all(float(rows[name]["ours"]) > 0 for name in quantized)
 
 
 def test_linear_backends_benchmark_quick_run(tmp_path):
