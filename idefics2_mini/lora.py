@@ -77,7 +77,9 @@ class LoRALinear(nn.Linear):
         if self.merged:
             return out
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return out + (update * self.scaling).to(out.dtype)
+        # In place: the base output is not needed for backward, and for the projector's
+        # 14336-wide activations of every patch two fewer temporaries is ~0.5 GB less at the peak.
+        return out.add_(update.to(out.dtype), alpha=self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:
