@@ -8,16 +8,35 @@ speed, load, memory, and accuracy, on an 8B-wide checkpoint with realistic weigh
 The checkpoint (built once under weights/bench/, git-ignored): the real Idefics2-8B widths
 (decoder 4096 / 14336, 32 / 8 heads, vocab 32003; perceiver full, 3 layers; vision 1152, 2
 layers) with 2 decoder layers, e2e.py's "wide" shape, but with weights drawn to look like a
-trained LLM's where it matters for quantization, instead of plain Gaussians:
+trained LLM's where it matters for quantization, instead of plain Gaussians (version
+"realistic-v2"):
 
     W[n, k] = 0.02 * r[n] * c[k] * z * exp(0.4 u)        z, u ~ N(0, 1)
-    r ~ LogNormal(0, 0.25) per output row, c ~ LogNormal(0, 0.25) per input column, and 0.5% of
-    the input columns (the same ones in every matrix reading the residual stream) 5x larger:
+    r ~ LogNormal(0, 0.25) per output row, c ~ LogNormal(0, 0.25) per input column:
 
-heavy tails (a Gaussian scale mixture: kurtosis ~5.7 instead of 3), rows and columns of
-different sizes, and outlier input channels, which is what makes a per-channel or per-group
-absmax scale coarse. Norm weights ~ LogNormal(0, 0.2), embeddings N(0, 0.02).
+heavy tails (a Gaussian scale mixture: kurtosis ~5.7 instead of 3; trained LLM matrices are
+~3-10) and rows and columns of different sizes, which is what makes a per-channel or per-group
+absmax scale coarse. The outliers are in the activations, as in trained LLMs (LLM.int8,
+SmoothQuant, AWQ: activations have a few large channels, weights are comparatively easy): the
+decoder's input / post-attention norm weights are 5x on the same 0.5% of the residual channels,
+so those channels' weight errors count 5x. Other norm weights ~ LogNormal(0, 0.2).
 
+Confident predictions: a random network's next-token distribution is nearly flat (top-1
+probability ~1e-4 of 32003 tokens), so any perturbation flips its argmax and greedy agreement
+says nothing; a trained LM is usually confident (top-1 probability often 0.3-0.9, with some
+close calls). Scaling the logits would not change that (argmax is scale-invariant: the margin
+and the quantization error scale together); what a trained model has is a final hidden state
+aligned with the row of the token it predicts. Built here as a direct (bigram) path, the one
+circuit a 2-layer model can have without training: embeddings ~ N(0, 1) (so the token survives
+the residual stream next to the random layers' outputs: the final hidden state keeps cos ~0.09
+with it), and each lm_head row is a random row plus BIGRAM_GAIN (1.4) x a weighted sum of 3 unit
+embedding directions (strengths ~ LogNormal(0, 0.5)): after token t the model favours the 3
+tokens whose rows hold t's direction, by varying margins (some near-ties), while attention and
+the MLPs add context-dependent noise. The gain is the one free constant: set once (0.45 gave a
+median top-1 probability of 0.07; 1.4 gives ~0.7, quartiles ~0.47-0.92, on 6 of the prompts
+with a tiny vision tower) to put the fp32 model's confidence where a trained LM's usually is,
+not tuned on the quantized models' agreement. The run reports the fp32 top-1 probability at its
+greedy steps and on the text (quantiles) beside the agreement.
 Parts (each variant in its own fresh process, page cache warm):
   ops       one decode-sized linear (14336 x 4096, the MLP's gate/up; and the 32003-row lm_head)
             at 1 and 8 rows: fp32 (ours: oneDNN/MKL), bf16, ours int8 / int4 (qmatmul.c), and torch's
@@ -71,6 +90,10 @@ HELD_PROMPTS = [
     "User: Which is heavier, a kilogram of feathers or a kilogram of iron?<end_of_utterance>\nAssistant:",
     "User: Describe the smell of rain to someone who has never experienced it.<end_of_utterance>\nAssistant:",
     "User: Suggest a name for a small bakery by the sea.<end_of_utterance>\nAssistant:",
+    "User: What should I pack for a weekend of hiking in the mountains?<end_of_utterance>\nAssistant:",
+    "User: Why do cats purr?<end_of_utterance>\nAssistant:",
+    "User: Write a haiku about autumn leaves.<end_of_utterance>\nAssistant:",
+    "User: What is two plus two?<end_of_utterance>\nAssistant:",
 ]
 TEXT = (
     "The lighthouse stood at the edge of the cliff, its white paint peeling in long strips after decades of salt "
@@ -103,11 +126,16 @@ def bench_config(quick: bool):
 
 def realistic_tensor(name: str, shape: list[int], generator: torch.Generator, outlier_columns: torch.Tensor,
                      width: int) -> torch.Tensor:
-    """One tensor of the checkpoint, drawn as the module docstring says."""
+    """One tensor of the checkpoint, drawn as the module docstring says (lm_head: `bigram_head`)."""
     if len(shape) == 1:
         if name.endswith("bias"):
             return torch.randn(shape, generator=generator) * 0.01
-        return torch.exp(torch.randn(shape, generator=generator) * 0.2)  # norm weights
+        norm = torch.exp(torch.randn(shape, generator=generator) * 0.2)  # norm weights
+        if name.startswith("text.layers.") and shape[0] == width:  # activation outlier channels
+            norm[outlier_columns] *= 5.0
+        return norm
+    if name == "text.embed_tokens.weight":
+        return torch.randn(shape, generator=generator)
     if "embed" in name or "position_embedding" in name or "latents" in name:
         return torch.randn(shape, generator=generator) * 0.02
     rows, cols = shape[0], math.prod(shape[1:])
@@ -115,10 +143,25 @@ def realistic_tensor(name: str, shape: list[int], generator: torch.Generator, ou
     weight *= torch.exp(0.4 * torch.randn(rows, cols, generator=generator))
     row_scale = torch.exp(0.25 * torch.randn(rows, 1, generator=generator))
     col_scale = torch.exp(0.25 * torch.randn(1, cols, generator=generator))
-    if cols == width:  # reads the residual stream: the shared outlier channels
-        col_scale[0, outlier_columns] *= 5.0
     weight *= row_scale * col_scale * 0.02
     return weight.view(shape)
+
+
+BIGRAM_SOURCES, BIGRAM_GAIN = 3, 1.4
+
+
+def bigram_head(random_rows: torch.Tensor, embeddings: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """lm_head [V, D]: `random_rows` plus BIGRAM_GAIN x, for each row, a LogNormal(0, 0.5)-weighted sum
+    of BIGRAM_SOURCES unit embedding rows (a random permutation each): the direct path of the
+    module docstring."""
+    vocab = embeddings.shape[0]
+    unit = embeddings / embeddings.norm(dim=1, keepdim=True)
+    head = random_rows.clone()
+    for _ in range(BIGRAM_SOURCES):
+        sources = torch.randperm(vocab, generator=generator)
+        strength = torch.exp(0.5 * torch.randn(vocab, 1, generator=generator))
+        head += BIGRAM_GAIN * strength * unit[sources]
+    return head
 
 
 def build_checkpoint(path: Path, quick: bool) -> None:
@@ -130,7 +173,7 @@ def build_checkpoint(path: Path, quick: bool) -> None:
     from idefics2_mini import loading  # noqa: PLC0415
 
     config = bench_config(quick)
-    marker = json.dumps(config.to_dict(), sort_keys=True) + " realistic-v1"
+    marker = json.dumps(config.to_dict(), sort_keys=True) + " realistic-v2"
     if (path / "BUILT").is_file() and (path / "BUILT").read_text() == marker:
         return
     print(f"building {path} ...", flush=True)
@@ -151,9 +194,14 @@ def build_checkpoint(path: Path, quick: bool) -> None:
             shards.append(list(shard))
             shard, shard_bytes = {}, 0
 
+    embeddings = None
     for name, param in model.named_parameters():
         official = loading.ours_to_official(name)
         tensor = realistic_tensor(name, list(param.shape), generator, outliers, width).contiguous()
+        if name == "text.embed_tokens.weight":
+            embeddings = tensor
+        elif name == "lm_head.weight":
+            tensor = bigram_head(tensor, embeddings, generator).contiguous()
         if shard_bytes + tensor.numel() * 4 > 2 * 2**30:
             flush()
         shard[official] = tensor
@@ -296,7 +344,7 @@ def run_ops(threads: int, quick: bool) -> list[dict]:
     from idefics2_mini.quantize import QuantizedLinear, QuantSpec, cpu  # noqa: PLC0415
 
     torch.set_num_threads(threads)
-    shapes = [(256, 128)] if quick else [(14336, 4096)]  # the MLP's gate/up: the bulk of a decode step
+    shapes = [(256, 128)] if quick else [(14336, 4096), (4096, 14336)]  # the MLP's gate/up and down
     rows_list = (1, 8)
     out = []
     for n, k in shapes:
@@ -338,7 +386,15 @@ def run_ops(threads: int, quick: bool) -> list[dict]:
                   lambda: torch.ops.aten._weight_int8pack_mm(x, q8.qweight, q8.scales.view(-1)), q8_bytes)
             for g, layer in q4.items():
                 nbytes = layer.qweight.numel() + 2 * layer.scales.numel() * 2
-                entry(f"int4 g{g} asym, ours (qmatmul.c), fp32 x", lambda layer=layer: layer(x), nbytes)
+                entry(f"int4 g{g} asym, ours (qmatmul.c: {cpu.int4_path()}), fp32 x", lambda layer=layer: layer(x), nbytes)
+                if g == 64 and cpu.int4_path() == "avx512-bf16":  # the portable table-lookup kernel beside it
+                    os.environ["IDEFICS2_MINI_QMM_INT4_TABLE"] = "1"
+                    try:
+                        entry(f"int4 g{g} asym, ours (qmatmul.c: table), fp32 x", lambda layer=layer: layer(x), nbytes)
+                    finally:
+                        del os.environ["IDEFICS2_MINI_QMM_INT4_TABLE"]
+                    entry(f"int4 g{g} asym, ours (qmatmul.c: {cpu.int4_path()}), bf16 x",
+                          lambda layer=layer: layer(xb), nbytes)
                 if g not in int4_packed:
                     continue
                 packed, scales_zeros = int4_packed[g]
@@ -397,18 +453,28 @@ def run_accuracy(path: Path, quick: bool) -> dict:
     text_ids = processor(text=TEXT)["input_ids"]
     held = processor(text=HELD_PROMPTS[:4] if quick else HELD_PROMPTS)
     reference = im.Idefics2.from_pretrained(path)
-    new = 4 if quick else 16
+    new = 4 if quick else 24
+    prompt_len = held["input_ids"].shape[1]
     with torch.no_grad():
         ref_logits = reference(text_ids)[0].float()
         ref_greedy = reference.generate(**held, max_new_tokens=new, do_sample=False, eos_token_id=[])
+        # the fp32 model's confidence where it chose its greedy tokens (the positions greedy compares)
+        mask = torch.cat([held["attention_mask"], torch.ones(ref_greedy.shape[0], new, dtype=held["attention_mask"].dtype)], 1)
+        greedy_logits = reference(input_ids=ref_greedy, attention_mask=mask)[0][:, prompt_len - 1 : -1].float()
     targets = text_ids[0, 1:]
     ref_nll = torch.nn.functional.cross_entropy(ref_logits[:-1], targets).item()
     ref_top = ref_logits.topk(2, dim=-1).values
+    greedy_top = greedy_logits.softmax(-1).max(-1).values.flatten()
+    quartiles = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
     results = {"text_tokens": int(text_ids.shape[1]), "held_prompts": int(held["input_ids"].shape[0]),
                "new_tokens": new, "nll_fp32": ref_nll,
                "fp32_top1_margin_median": (ref_top[:, 0] - ref_top[:, 1]).median().item(),
-               "fp32_logit_std": ref_logits.std().item(), "variants": {}}
-    prompt_len = held["input_ids"].shape[1]
+               "fp32_logit_std": ref_logits.std().item(),
+               "fp32_top1_prob_text_quantiles": ref_logits.softmax(-1).max(-1).values.quantile(quartiles).tolist(),
+               "fp32_top1_prob_greedy_quantiles": greedy_top.quantile(quartiles).tolist(),
+               "variants": {}}
+    print(f"  fp32 top-1 probability at the greedy steps (10/25/50/75/90%): "
+          f"{', '.join(f'{q:.2f}' for q in results['fp32_top1_prob_greedy_quantiles'])}", flush=True)
     specs = [("int8", QuantSpec(8)), ("int4 g128", QuantSpec(4, 128)), ("int4 g64", QuantSpec(4, 64)),
              ("int4 g32", QuantSpec(4, 32)), ("int4 g64 symmetric", QuantSpec(4, 64, symmetric=True))]
     for name, spec in specs[::3] if quick else specs:  # the tiny model's widths fit groups of 32 only
@@ -499,6 +565,10 @@ def write_report(out_dir: Path, info: dict, args, bandwidth: float, ops, decode,
                   f"fp32 logits: std {accuracy['fp32_logit_std']:.2f}, median top-1 margin "
                   f"{accuracy['fp32_top1_margin_median']:.3f}); greedy: {accuracy['held_prompts']} held prompts x "
                   f"{accuracy['new_tokens']} new tokens (batch, left-padded).", "",
+                  "fp32 top-1 probability (quantiles 10/25/50/75/90%): at its greedy steps "
+                  + " / ".join(f"{q:.2f}" for q in accuracy.get("fp32_top1_prob_greedy_quantiles", []))
+                  + "; on the text " + " / ".join(f"{q:.2f}" for q in accuracy.get("fp32_top1_prob_text_quantiles", []))
+                  + " (a trained LM: often 0.3-0.9).", "",
                   "| variant | top-1 agreement | NLL diff | KL (nats/token) | max logit err / max logit | "
                   "greedy identical | greedy first token same | greedy tokens same |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]

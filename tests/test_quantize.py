@@ -153,6 +153,25 @@ def test_c_kernel_odd_widths_and_blocks(monkeypatch):
     assert (out - expected).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("group,symmetric", [(32, False), (64, False), (128, True)])
+def test_c_kernel_int4_at_decoder_width(group, symmetric):
+    """int4 at K = 4096 (the AVX-512 BF16 path splits fp32 x into two bf16 halves and takes a 128
+    offset out of every nibble: both must cancel to fp32 accuracy at real widths), fp32 and bf16 x."""
+    g = torch.Generator().manual_seed(3)
+    linear = nn.Linear(4096, 96, bias=False).requires_grad_(False)
+    linear.weight.copy_(torch.randn(96, 4096, generator=g) * 0.02)
+    layer = QuantizedLinear.from_linear(linear, QuantSpec(4, group, symmetric=symmetric))
+    weight = layer.dequantized_weight().double()
+    for rows in (1, 5, 8):
+        x = torch.randn(rows, 4096, generator=g) * torch.exp(torch.randn(4096, generator=g))  # uneven channels
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            exact = xd.double() @ weight.t()
+            out = cpu.kernel_matmul(xd, layer.qweight, layer.scales, layer.zeros, 4, group).double()
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the result's own rounding
+            assert (out - exact).abs().max() <= tolerance * exact.abs().max(), (rows, dtype)
+
+
 def test_c_kernel_built_and_switchable(monkeypatch):
     assert cpu.available(), cpu.build_error()  # CI has a C compiler; users without one get the fallback
     monkeypatch.setenv(cpu.CPU_ENV, "reference")

@@ -5,7 +5,9 @@ rather than bandwidth-bound (`_weight_int4pack_mm_for_cpu` reads its int4 weight
 where the memory gives ~20, `_weight_int8pack_mm` at ~12 GB/s, and both take ~10x longer
 still with fp32 activations); benchmarks/quantize.py times them beside this kernel. The kernel
 streams the stored bytes as they are (the format of kernels/dequant_matmul.py) for up to
-MAX_ROWS rows of x; more rows (prefill) dequantize a block of weight rows at a time and run
+MAX_ROWS rows of x (int8 widened to fp32 in registers; int4, on CPUs with AVX-512 BF16, turned
+into bf16 numbers with two bit operations and multiplied by vdpbf16ps against x split into two
+bf16 halves, elsewhere dequantized by a table lookup; `int4_path()` says which); more rows (prefill) dequantize a block of weight rows at a time and run
 the float matmul (`dequantized_linear`), which is compute-bound there anyway.
 
 Building: `cc -O3 -march=native -fopenmp -shared -fPIC` into the user cache
@@ -114,11 +116,19 @@ def library() -> ctypes.CDLL | None:
         lib.qmm_int8.argtypes = [pointer, int64, int64, pointer, int64, pointer, pointer, pointer, ctypes.c_int]
         lib.qmm_int4.argtypes = [pointer, int64, int64, int64, pointer, int64, pointer, pointer, pointer,
                                  ctypes.c_int]
-        lib.qmm_int8.restype = lib.qmm_int4.restype = ctypes.c_int
+        lib.qmm_int8.restype = lib.qmm_int4.restype = lib.qmm_int4_path.restype = ctypes.c_int
         _library = lib
         return lib
     _build_error = "; ".join(errors)
     return None
+
+
+def int4_path() -> str:
+    """Which int4 kernel qmatmul.c runs here: "avx512-bf16", "table" or "unavailable"."""
+    lib = library()
+    if lib is None:
+        return "unavailable"
+    return "avx512-bf16" if lib.qmm_int4_path() and not os.environ.get("IDEFICS2_MINI_QMM_INT4_TABLE") else "table"
 
 
 def build_error() -> str | None:
