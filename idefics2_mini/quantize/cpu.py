@@ -5,9 +5,10 @@ rather than bandwidth-bound (`_weight_int4pack_mm_for_cpu` reads its int4 weight
 where the memory gives ~20, `_weight_int8pack_mm` at ~12 GB/s, and both take ~10x longer
 still with fp32 activations); benchmarks/quantize.py times them beside this kernel. The kernel
 streams the stored bytes as they are (the format of kernels/dequant_matmul.py) for up to
-MAX_ROWS rows of x (int8 widened to fp32 in registers; int4, on CPUs with AVX-512 BF16, turned
-into bf16 numbers with two bit operations and multiplied by vdpbf16ps against x split into two
-bf16 halves, elsewhere dequantized by a table lookup; `int4_path()` says which); more rows (prefill) dequantize a block of weight rows at a time and run
+MAX_ROWS rows of x (int8 widened to fp32 in registers; int4 dequantized by a table lookup, or,
+for one row of bf16 activations on CPUs with AVX-512 BF16, turned into bf16 numbers with two bit
+operations and multiplied by vdpbf16ps: the one case where that measured faster; `int4_path()`
+says whether this build has it); more rows (prefill) dequantize a block of weight rows at a time and run
 the float matmul (`dequantized_linear`), which is compute-bound there anyway.
 
 Building: `cc -O3 -march=native -fopenmp -shared -fPIC` into the user cache
@@ -124,7 +125,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def int4_path() -> str:
-    """Which int4 kernel qmatmul.c runs here: "avx512-bf16", "table" or "unavailable"."""
+    """Which int4 kernels qmatmul.c has here: "avx512-bf16" (one row of bf16 x; the table
+    otherwise), "table" or "unavailable"."""
     lib = library()
     if lib is None:
         return "unavailable"

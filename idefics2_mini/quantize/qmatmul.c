@@ -287,16 +287,17 @@ int qmm_int4(const float *x, int64_t M, int64_t K, int64_t G, const uint8_t *pac
              const uint16_t *scale, const uint16_t *zero, float *y, int threads) {
     if (M < 1 || M > MAX_ROWS || G % 32 || K % G) return 1;
 #if HAVE_INT4_BF16
-    /* Two bf16 passes cost as many multiply instructions per row of x as the table path's FMAs,
-     * on one port instead of two, and the table's lookups are shared by all rows: so fp32 x takes
-     * this path for 1-2 rows (where the lookups are the bottleneck), bf16-exact x always. */
+    /* Measured (benchmarks/quantize.py ops, Xeon, 2 threads): vdpbf16ps is no cheaper here than
+     * the table path's lookups + FMAs, so two passes (fp32 x) lose to the table (2.35 vs 2.14 ms
+     * on 14336x4096 g64), and with 8 rows even one pass loses (11.7 vs 7.1 ms); one pass at one
+     * row wins (bf16 x: 1.76 ms, 18.8 GB/s). So: one row of bf16-exact x, groups of >= 64. */
     if (!getenv("IDEFICS2_MINI_QMM_INT4_TABLE")) { /* set: the portable table path (comparisons) */
         int bf16_exact = 1;
         for (int64_t i = 0; i < M * K && bf16_exact; i++) {
             uint32_t u; memcpy(&u, x + i, 4);
             bf16_exact = (u & 0xFFFFu) == 0;
         }
-        if (bf16_exact || M <= 2)
+        if (bf16_exact && M == 1 && G >= 64)
             return qmm_int4_bf16(x, M, K, G, packed, N, scale, zero, y, threads);
     }
 #endif
