@@ -63,9 +63,8 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D] -> x rotated: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), where
     x1, x2 are the two halves of D. With the sign folded into the sin table this is
-    x * cos + swap_halves(x) * signed_sin."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    x * cos + swap_halves(x) * signed_sin, and swapping the halves is a roll by D/2."""
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 

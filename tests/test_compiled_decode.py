@@ -91,10 +91,17 @@ def test_inductor_decode_matches_eager(peaked_model):
 
 def test_moving_the_model_drops_the_compiled_step(peaked_model):
     """The graph took the fused projections as they were when traced: after the parameters
-    move (`.to()`) or are fused again, the next step drops it and runs eager, still right."""
+    move (`.to()`), are fused again, or a fused linear is replaced, the next step drops it and
+    runs eager, still right."""
     batch = image_batch()
     eager = peaked_model.generate(**batch, max_new_tokens=4, eos_token_id=[])
-    for change in (lambda model: model.to(torch.float64).to(torch.float32), fuse_projections):
+    def replace_a_linear(model):  # as LoRA does: the fused matrix must not stand in for it any more
+        attention = model.text.layers[0].self_attn
+        plain = torch.nn.Linear(attention.k_proj.in_features, attention.k_proj.out_features, bias=False)
+        plain.weight = attention.k_proj.weight
+        attention.k_proj = plain
+
+    for change in (lambda model: model.to(torch.float64).to(torch.float32), fuse_projections, replace_a_linear):
         compile_decode(peaked_model, backend=CompileCounter())
         assert is_compiled(peaked_model)
         assert torch.equal(peaked_model.generate(**batch, max_new_tokens=4, eos_token_id=[]), eager)

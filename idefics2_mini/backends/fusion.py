@@ -65,17 +65,15 @@ class FusedProjections:
         as its row blocks; `fuse_linears` makes one."""
         self.module, self.names, self.max_rows = module, names, max_rows
         self.members = [getattr(module, name) for name in names]
+        self.named_members = list(zip(names, self.members))
         self.sizes = [member.out_features for member in self.members]
         self.weight, self.bias = weight, bias
 
     def current(self) -> bool:
         """True while the fused matrix may stand in for the linears (see the module docstring)."""
-        children = self.module._modules  # noqa: SLF001  (a dict lookup; getattr takes nn.Module's slow path)
-        if any(children.get(name) is not member for name, member in zip(self.names, self.members)):
+        if torch.is_grad_enabled() and self.members[0]._parameters["weight"].requires_grad:  # noqa: SLF001
             return False
-        if torch.is_grad_enabled() and self.members[0].weight.requires_grad:
-            return False
-        return _still_views(self)
+        return _intact(self)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.current() and (self.max_rows is None or x.numel() <= self.max_rows * x.shape[-1]):
@@ -84,22 +82,28 @@ class FusedProjections:
         return tuple(getattr(self.module, name)(x) for name in self.names)
 
 
-def still_views(fused: FusedProjections) -> bool:
-    """Are the linears' weights still row blocks of the fused matrix (not moved or converted)?"""
-    return fused.members[0].weight.data_ptr() == fused.weight.data_ptr()
+def intact(fused: FusedProjections) -> bool:
+    """Does the module still hold the linears the group was made from, and are their weights
+    still row blocks of the fused matrix (not moved or converted)? Plain dict lookups, not
+    nn.Module's getattr: this runs on every call of the decode path."""
+    children = fused.module._modules  # noqa: SLF001
+    for name, member in fused.named_members:
+        if children.get(name) is not member:
+            return False
+    return fused.members[0]._parameters["weight"].data_ptr() == fused.weight.data_ptr()  # noqa: SLF001
 
 
 # The check as FusedProjections.current() calls it; `prepare_for_compile` rebinds it.
-_still_views = still_views
+_intact = intact
 
 
 def prepare_for_compile() -> None:
     """Called before torch.compile traces the model (`compiled.compile_decode`): Dynamo cannot
-    trace data_ptr(), so the view check is taken at trace time as a constant (the compiled step
-    checks it again before every call). Done here, not at import, because marking imports
+    trace data_ptr(), so `intact` is taken at trace time as a constant, and the compiled step
+    checks it itself before every call. Done here, not at import, because marking imports
     torch._dynamo: a second of import time nobody else should pay."""
-    global _still_views  # noqa: PLW0603
-    _still_views = torch.compiler.assume_constant_result(still_views)
+    global _intact  # noqa: PLW0603
+    _intact = torch.compiler.assume_constant_result(intact)
 
 
 def fuse_projections(model: nn.Module, mode: str = "copy") -> nn.Module:
