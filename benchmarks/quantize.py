@@ -320,7 +320,8 @@ def child(spec: dict) -> dict:
             long.append(common.time_once(lambda: generate(batch, NEW_TOKENS), torch.device("cpu")))
         step = (statistics.median(long) - statistics.median(short)) / (NEW_TOKENS - 1)
         context = prompt_len + NEW_TOKENS / 2
-        nbytes = (reference_step_bytes(model.config, size, context) if spec["impl"] == "reference"
+        nbytes = (reference_step_bytes(im.Idefics2Config.from_pretrained(spec["checkpoint"]), size, context)
+                  if spec["impl"] == "reference"
                   else step_bytes(model, size, context))
         result[f"decode_{key[-2:]}"] = dict(batch=size, step_s=step, tokens_per_s=size / step, step_bytes=nbytes,
                                             gbs=nbytes / step / 1e9, t1=short, tn=long)
