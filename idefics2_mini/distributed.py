@@ -155,15 +155,19 @@ def _all_reduce_output(group):
 def load_tensor_parallel(path: str | Path, group=None, dtype: torch.dtype = torch.float32, device="cpu",
                          backends: bool = True) -> nn.Module:
     """This rank's part of the model, read from an official-layout checkpoint: replicated
-    tensors whole, split ones as this rank's slice only (safetensors reads just those bytes;
-    no rank ever holds a full split weight). Checked like `from_pretrained` (every tensor
+    tensors whole, split ones as this rank's slice only (no rank ever holds a full split
+    weight). Checked like `from_pretrained` (every tensor
     present, no extra one, shapes equal to config.json's) before any data is read."""
-    from safetensors import safe_open  # noqa: PLC0415
-
     from .backends import apply_backends  # noqa: PLC0415
     from .config import Idefics2Config  # noqa: PLC0415
     from .generation import GenerationDefaults  # noqa: PLC0415
-    from .loading import CheckpointError, inspect_checkpoint, official_to_ours, tensor_problems  # noqa: PLC0415
+    from .loading import (  # noqa: PLC0415
+        CheckpointError,
+        _iter_tensors,
+        inspect_checkpoint,
+        official_to_ours,
+        tensor_problems,
+    )
     from .model import Idefics2  # noqa: PLC0415
 
     path = Path(path)
@@ -185,25 +189,15 @@ def load_tensor_parallel(path: str | Path, group=None, dtype: torch.dtype = torc
         value = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False)
         setattr(model.get_submodule(module_name), attribute, value)
         parameters[name] = value
-    by_file: dict[Path, list[str]] = {}
-    for official, file in found.files.items():
-        by_file.setdefault(file, []).append(official)
+    # The loader's own reading: each tensor a view of the file's private mapping, its pages
+    # handed back right after it is copied, so a rank holds its parameters plus one tensor in
+    # flight; only this rank's slice of a split weight is copied.
     with torch.no_grad():
-        for file, names in by_file.items():
-            with safe_open(str(file), framework="pt") as reader:
-                for official in names:
-                    ours = official_to_ours(official)
-                    dim = _split_dim(ours)
-                    if dim is None:
-                        tensor = reader.get_tensor(official)
-                    else:
-                        piece = reader.get_slice(official)
-                        size = piece.get_shape()[dim] // world_size
-                        index = [slice(None)] * len(piece.get_shape())
-                        index[dim] = slice(rank * size, (rank + 1) * size)
-                        tensor = piece[tuple(index)]
-                    parameters[ours].copy_(tensor)
-                    del tensor
+        for official, _, tensor in _iter_tensors(found.files, found.headers):
+            ours = official_to_ours(official)
+            dim = _split_dim(ours)
+            parameters[ours].copy_(tensor if dim is None else shard(tensor, dim, rank, world_size))
+            del tensor
     if config.text.tie_word_embeddings:
         model.lm_head.weight = model.text.embed_tokens.weight
     model.text.rotary = type(model.text.rotary)(config.text.head_dim, config.text.rope_theta).to(device)
