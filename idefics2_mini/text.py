@@ -63,8 +63,10 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D] -> x rotated: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), where
     x1, x2 are the two halves of D. With the sign folded into the sin table this is
-    x * cos + swap_halves(x) * signed_sin, and swapping the halves is a roll by D/2."""
-    swapped = x.roll(x.shape[-1] // 2, dims=-1)
+    x * cos + swap_halves(x) * signed_sin. (The halves are swapped by slicing and concatenating:
+    in a compiled decode step that runs faster than `x.roll(D // 2, -1)`.)"""
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
@@ -100,11 +102,7 @@ class TextAttention(nn.Module):
         if attentions_out is not None:
             return self.eager_attention(x, cos, sin, token_mask, cache, attentions_out)
         batch, length, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = apply_rotary(q.view(batch, length, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rotary(k.view(batch, length, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # q [B, Hq, T, D]; k, v [B, Hkv, T, D]
+        q, k, v = self.heads(x, cos, sin)  # q [B, Hq, T, D]; k, v [B, Hkv, T, D]
         scale = self.head_dim**-0.5
 
         if cache is not None and cache.decoding:
@@ -130,6 +128,15 @@ class TextAttention(nn.Module):
                 cache.write(self.layer_index, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
+    def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B, T, C] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]: the projections, q and k rotated.
+        q and k turn by the same angles, so they are rotated as one tensor of Hq + Hkv heads."""
+        batch, length, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        qk = torch.cat([q, k], dim=-1).view(batch, length, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(qk, cos, sin).transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)
+        return q, k, v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] -> q [B, T, Hq*D], k, v [B, T, Hkv*D]; one method so that a backend can
         serve the three with one matmul (backends/fusion.py)."""
@@ -140,10 +147,7 @@ class TextAttention(nn.Module):
         The same projections, RoPE and cache writes; the mask spelled as the rule in the module
         docstring: query token i sees key token j when i - window < j <= i and j is real."""
         batch, length, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = apply_rotary(q.view(batch, length, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rotary(k.view(batch, length, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.heads(x, cos, sin)
         before = 0 if cache is None else cache.num_tokens  # tokens of earlier steps (the clock)
         if cache is not None and cache.decoding:
             # One query against the cache's slots; slot s holds token t with t % capacity == s.
