@@ -182,17 +182,13 @@ def bench_rmsnorm(b: Bench):
     for width in (1152, 4096):
         for rows in rows_list:
             x = torch.randn(rows, width, device=b.device, dtype=torch.bfloat16)
-            r = torch.randn_like(x)
             w = torch.randn(width, device=b.device, dtype=torch.bfloat16)
             shape = f"{rows}x{width} bf16"
             moved = 2 * rows * width * 2 + 2 * width  # read x, write y, read weight
-            moved_res = 4 * rows * width * 2 + 2 * width  # + read residual, write the sum
             b.run("rmsnorm", shape, "eager", lambda: rms_norm_reference(x, w, RMS_EPS), bytes_moved=moved)
             if b.gpu:
                 b.run("rmsnorm", shape, "compile", lambda: b.compiled(rms_norm_reference)(x, w, RMS_EPS), bytes_moved=moved)
                 b.run("rmsnorm", shape, "triton", lambda: kernels.rms_norm(x, w, RMS_EPS), bytes_moved=moved)
-                b.run("rmsnorm+res", shape, "eager", lambda: rms_norm_reference(x, w, RMS_EPS, r), bytes_moved=moved_res)
-                b.run("rmsnorm+res", shape, "triton", lambda: kernels.rms_norm(x, w, RMS_EPS, r), bytes_moved=moved_res)
 
 
 def bench_prefill(b: Bench):
