@@ -1,6 +1,6 @@
 """End-to-end benchmark: this project against the reference (transformers), side by side.
 
-    python -m benchmarks.e2e                      # tiny + wide (+ the full 8B on CUDA); ~25 min on 2 CPU cores
+    python -m benchmarks.e2e                      # tiny + wide, fp32 and bf16 (+ the full 8B on CUDA); ~50 min on 2 CPU cores
     python -m benchmarks.e2e --models wide --impls ours     # a subset (ratios need both impls)
     python -m benchmarks.e2e --quick              # smoke run: tiny only, 1 repeat (used by the tests)
 
@@ -17,6 +17,9 @@ What it does
      wide  the real Idefics2-8B widths (vision 1152/4304/16 heads, the full perceiver: 4096 wide,
            16/4 heads x 96, depth 3; decoder 4096/14336, 32/8 heads, vocab 32003) with only 2
            vision and 2 decoder layers so that it fits a CPU: matrix products dominate;
+     tiny-bf16, wide-bf16  the same fp32 files loaded in bf16 by both implementations (the
+           dtype in which the real 8B fits a 24 GB machine; benchmarks/fullsize.py runs that one);
+           eager and compiled, no quantized variants;
      full  the real 8B, in bf16 - only when CUDA is available.
 2. Makes the inputs once with this project's processor (the reference processor produces the same
    tensors, see tests/test_processor.py), so both implementations get identical tensors:
@@ -94,18 +97,23 @@ IMPLS = ("ours", "reference", "ours_compiled", "reference_compiled", "ours_int8"
 class BenchModel:
     name: str
     description: str
-    dtype: str  # "float32" | "bfloat16": checkpoint and run dtype
+    dtype: str  # "float32" | "bfloat16": the run's dtype, and the checkpoint's unless `base` is set
     repeats: int  # timed runs per decode measurement, and fresh processes for the load time
     prefill_repeats: int  # timed runs per prefill measurement
     # Prefill inputs run once untimed before timing. The wide model's prefill takes tens of seconds
     # on a CPU, where one-time costs are lost in the noise: it warms up on the unsplit image only.
     prefill_warmup: tuple[str, ...] = ("image", "image_split")
     needs_cuda: bool = False
+    # The model whose config and (fp32) checkpoint this one runs in its own dtype: "wide-bf16" loads
+    # the wide model's fp32 files as bf16, as a user does with the official (fp32) download.
+    base: str = ""
+    impls: tuple[str, ...] | None = None  # the implementations run for it (None: all asked for)
 
     def config(self):
         import idefics2_mini as im  # noqa: PLC0415
 
-        if self.name == "tiny":
+        name = self.base or self.name
+        if name == "tiny":
             return im.Idefics2Config(
                 vision=im.VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, image_size=980, patch_size=14),
@@ -114,15 +122,15 @@ class BenchModel:
                 text=im.TextConfig(vocab_size=32003, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=32),
             )
-        if self.name == "wide":
+        if name == "wide":
             return im.Idefics2Config(
                 vision=im.VisionConfig(num_hidden_layers=2),
                 perceiver=im.PerceiverConfig(),  # full: 4096 wide, 16/4 heads x 96, depth 3
                 text=im.TextConfig(num_hidden_layers=2),
             )
-        if self.name == "full":
+        if name == "full":
             return im.Idefics2Config()
-        raise KeyError(self.name)
+        raise KeyError(name)
 
 
 MODELS = {
@@ -130,6 +138,11 @@ MODELS = {
                        "vocab 32003, 64 latents", "float32", repeats=5, prefill_repeats=5),
     "wide": BenchModel("wide", "real 8B widths; 2 vision layers, full perceiver (3 layers), 2 text layers, "
                        "vocab 32003", "float32", repeats=3, prefill_repeats=2, prefill_warmup=("image",)),
+    "tiny-bf16": BenchModel("tiny-bf16", "the tiny model's fp32 files loaded in bf16", "bfloat16", repeats=5,
+                            prefill_repeats=5, base="tiny", impls=IMPLS[:4]),
+    "wide-bf16": BenchModel("wide-bf16", "the wide model's fp32 files loaded in bf16 (real 8B widths; 2 vision, "
+                            "3 perceiver, 2 text layers)", "bfloat16", repeats=3, prefill_repeats=2,
+                            prefill_warmup=("image",), base="wide", impls=IMPLS[:4]),
     "full": BenchModel("full", "the real Idefics2-8B shape (27 vision, 3 perceiver, 32 text layers)", "bfloat16",
                        repeats=5, prefill_repeats=5, needs_cuda=True),
 }
@@ -186,7 +199,7 @@ def make_inputs(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def checkpoint_path(weights_dir: Path, model: BenchModel) -> Path:
-    return weights_dir / f"e2e-{model.name}"
+    return weights_dir / f"e2e-{model.base or model.name}"
 
 
 def build_checkpoint(model: BenchModel, path: Path) -> None:
@@ -405,26 +418,27 @@ def main(argv: list[str] | None = None) -> None:
             config = model.config()
             path = checkpoint_path(weights_dir, model)
             print(f"[{name}] {model.description}", flush=True)
-            build_checkpoint(model, path)
+            build_checkpoint(MODELS.get(model.base, model), path)
             warm_page_cache(path)
             repeats = args.repeats or model.repeats
             spec = dict(model=name, checkpoint=str(path), device=str(device), dtype=model.dtype, threads=threads,
                         repeats=repeats, prefill_repeats=args.prefill_repeats or model.prefill_repeats,
                         prefill_warmup=[] if args.quick else list(model.prefill_warmup), new_tokens=args.new_tokens,
                         inputs=str(inputs_file), load_only=False, max_wait_s=args.max_wait)
-            rounds: dict[str, list[dict]] = {impl: [] for impl in impls}
+            model_impls = [impl for impl in impls if model.impls is None or impl in model.impls]
+            rounds: dict[str, list[dict]] = {impl: [] for impl in model_impls}
             for round_index in range(args.rounds):  # round-robin: a slow spell of the machine hits every impl
-                for impl in impls:
+                for impl in model_impls:
                     print(f"  {impl}: measuring in a fresh process (round {round_index + 1}/{args.rounds}) ...",
                           flush=True)
                     rounds[impl].append(run_child({**spec, "impl": impl}))
             results = {impl: merge_rounds(measured) for impl, measured in rounds.items()}
-            for impl in impls:
+            for impl in model_impls:
                 results[impl]["new_tokens"] = args.new_tokens
             # More load timings, each in a fresh process, alternating; at least one, which also times
             # ours copying (mmap=False) without inflating a measuring process's peak memory.
             for _ in range(max(repeats - args.rounds, 1)):
-                for impl in (impl for impl in impls if impl in ("ours", "reference")):
+                for impl in (impl for impl in model_impls if impl in ("ours", "reference")):
                     extra = run_child({**spec, "impl": impl, "load_only": True})
                     results[impl]["load_runs_s"].append(extra["load_s"])
                     results[impl]["first_token_runs_s"].append(extra["first_token_s"])

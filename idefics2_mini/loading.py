@@ -355,6 +355,8 @@ def load_weights(
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
     tied = _tied_parameters(model)
+    if device.type == "cpu":
+        check_fits(model, dtype, path)
 
     mapped = _use_mapping(mmap, found.headers, dtype, device)
     if not mapped:
@@ -386,6 +388,62 @@ def load_weights(
     if mapped and fuse:
         fuse_projections(model, "mapped")
     return model
+
+
+class InsufficientMemoryError(MemoryError):
+    """The model, in the dtype asked for, needs more memory than this machine has available."""
+
+
+def memory_available() -> tuple[int, str] | None:
+    """(bytes this process may still take, where that figure comes from): MemAvailable of
+    /proc/meminfo (free memory plus the page cache and other memory the kernel can reclaim),
+    lowered by a cgroup v2 limit (a container's memory.max minus its memory.current) where
+    one is set. None where neither can be read (not Linux)."""
+    found = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    found = (int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo")
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            room = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            if found is None or room < found[0]:
+                found = (max(room, 0), "the container's memory limit (/sys/fs/cgroup/memory.max)")
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Elements of `model`'s parameters, a tied one counted once (works on the meta device)."""
+    return sum(param.numel() for param in model.parameters())
+
+
+def check_fits(model: nn.Module, dtype: torch.dtype, path: str | Path = "") -> None:
+    """Raise InsufficientMemoryError, before any allocation, when `model`'s parameters (built on
+    the meta device from config.json: counts only) in `dtype` need more bytes than
+    `memory_available()` reports. A model mapped from its files needs them resident too: its
+    pages would otherwise be read from disk again and again, every token."""
+    available = memory_available()
+    count = parameter_count(model)
+    need = count * dtype.itemsize
+    if available is None or need <= available[0]:
+        return
+    gb = lambda size: f"{size / 1e9:.1f} GB"  # noqa: E731
+    options = [f"bfloat16 ({gb(2 * count)}: dtype=torch.bfloat16, --dtype bfloat16)"] if dtype.itemsize > 2 else []
+    options += [f"int8 (about {gb(count)}: quantize='int8', --quantize int8)",
+                f"int4 (about {gb(count / 2)}: quantize='int4', --quantize int4)"]
+    where = f"{path}: " if str(path) else ""
+    raise InsufficientMemoryError(
+        f"{where}the model needs {gb(need)} of memory in {str(dtype).removeprefix('torch.')} "
+        f"({count / 1e9:.2f} B parameters x {dtype.itemsize} bytes), but this machine has {gb(available[0])} "
+        f"available ({available[1]}); load it in " + " or ".join(options) + ", or free memory first"
+    )
 
 
 def _tied_parameters(model: nn.Module) -> dict[str, str]:

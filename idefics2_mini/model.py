@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends.cpu import use_cpu_linears
+from .backends.cpu import use_cpu_linears, use_cpu_norms
 from .cache import KVCache
 from .config import Idefics2Config
 from .connector import Connector
@@ -119,6 +119,7 @@ class Idefics2(nn.Module):
         model.generation_defaults = GenerationDefaults.from_pretrained(path, config)
         if backends:
             use_cpu_linears(model)
+            use_cpu_norms(model)
         return model.eval()
 
     @property

@@ -18,16 +18,28 @@ emits, on the plain [out, in] weight. Below ~0.5M weight elements its fixed cost
 (~15 us) loses to MKL, so small weights stay on `F.linear`. Only fp32 (bf16 `F.linear` already
 goes to oneDNN inside torch) and only without autograd (the op has no derivative).
 
+bf16 / fp16 linears (`half_linear`, below): the input as one [rows, in] matrix, and one row run
+as two for the weight shapes where oneDNN's one-row kernel was measured slower (settled by
+timing both, once per shape).
+
     use_cpu_linears(model)   every nn.Linear becomes a CpuLinear (same parameters and names)
+    use_cpu_norms(model)     every RMSNorm becomes a CpuRMSNorm: many rows normalised in cached pieces
     linear(x, weight, bias)  F.linear's contract, routed by the rules above
     greedy_argmax(logits)    exactly logits.argmax(-1), vectorised on the CPU
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import kernels
+import kernels.dispatch
+
+from ..layers import RMSNorm
 
 ONEDNN_MIN_WEIGHT_ELEMENTS = 2**19
 
@@ -83,8 +95,10 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in].T + bias [out] -> [..., out]: F.linear's contract, run by
     oneDNN for big fp32 weights at inference on the CPU (ONEDNN_MIN_WEIGHT_ELEMENTS), for the
-    row counts where it is the faster library (ONEDNN_ROWS)."""
+    row counts where it is the faster library (ONEDNN_ROWS); bf16 / fp16 by `half_linear`."""
     if x.device.type == "cpu" and weight.dim() == 2 and not _needs_grad(x, weight, bias):
+        if x.dtype in HALF_DTYPES and weight.dtype == x.dtype:
+            return half_linear(x, weight, bias)
         if weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS:
             if (ONEDNN_LINEAR and x.dtype == torch.float32 and weight.dtype == torch.float32
                     and weight.stride(1) == 1 and onednn_takes(x.numel() // weight.shape[1])):
@@ -101,10 +115,119 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+# ----------------------------------------------------------------------------- bf16 / fp16 linears
+#
+# torch hands a bf16 (fp16) CPU matmul to oneDNN itself (on AMX / AVX-512-BF16 CPUs its brgemm
+# kernels), so there is no library to choose; two shapes of call lose all the same, measured on
+# the Intel Xeon (AMX; benchmarks/bf16_ops.py, results/<machine>/bf16_ops.md):
+#
+# - an input whose rows are not one strided matrix, such as the [B, 1, C] slice of the last
+#   token that generation sends through the lm_head: matmul cannot fold it into one matrix
+#   product, expands the weight to [B, in, out] and, in bf16, copies it (262 MB for the 8B
+#   lm_head: 1.5 s instead of 25 ms). `half_linear` reshapes the input to [rows, in] first
+#   (a copy of B x C values at most).
+# - one input row through some weight shapes: oneDNN's one-row kernel for the 8B [4096, 14336]
+#   down projection reads it at 11 GB/s, the same call with two rows at 28 GB/s, while the
+#   other shapes of the model run either way at the same speed (+-10%). Which shapes lose is
+#   the kernel library's business and differs by CPU, so it is measured, not listed: the first
+#   one-row call of each (dtype, out, in) times both forms on that weight (`settle_one_row`,
+#   ~6 calls, once per shape and process) and keeps the two-row form only where it is clearly
+#   faster (ONE_ROW_AS_TWO_MIN_GAIN). `compiled.compile_decode` settles every shape before
+#   tracing, since a compiled step cannot time anything.
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+ONE_ROW_AS_TWO_MIN_GAIN = 1.25  # the two-row form must be this many times faster to be kept
+# (dtype, out_features, in_features) -> run one input row as two (True) or as it is (False).
+# Filled by settle_one_row; set an entry by hand to pin a choice.
+ONE_ROW_AS_TWO: dict[tuple[torch.dtype, int, int], bool] = {}
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear` for bf16 / fp16 inference on the CPU (see above): x as one [rows, in] matrix, and
+    a single row run as two rows for the weight shapes where that was measured faster."""
+    in_features, out_features = weight.shape[1], weight.shape[0]
+    rows = x.numel() // in_features
+    flat = x.reshape(rows, in_features)
+    if rows == 1 and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS and weight.stride(1) == 1:
+        key = (weight.dtype, out_features, in_features)
+        as_two = ONE_ROW_AS_TWO.get(key)
+        if as_two is None and not torch.compiler.is_compiling():
+            as_two = settle_one_row(weight)
+        if as_two:
+            out = F.linear(flat.expand(2, in_features).contiguous(), weight, bias)[:1]
+            return out.view(*x.shape[:-1], out_features)
+    return F.linear(flat, weight, bias).view(*x.shape[:-1], out_features)
+
+
+def settle_one_row(weight: torch.Tensor, rounds: int = 3) -> bool:
+    """Time one input row through `weight` (bf16 / fp16, [out, in]) as it is and as two rows,
+    alternating, `rounds` times each; record in ONE_ROW_AS_TWO (and return) whether the two-row
+    form's best time beats the one-row form's best by ONE_ROW_AS_TWO_MIN_GAIN. Both forms read
+    the whole weight, so this costs ~2 x rounds weight reads, once per shape."""
+    key = (weight.dtype, weight.shape[0], weight.shape[1])
+    if key in ONE_ROW_AS_TWO:
+        return ONE_ROW_AS_TWO[key]
+    one = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
+    two = torch.zeros(2, weight.shape[1], dtype=weight.dtype)
+    best = {1: float("inf"), 2: float("inf")}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for rows, x in ((1, one), (2, two)):
+                start = time.perf_counter()
+                F.linear(x, weight)
+                best[rows] = min(best[rows], time.perf_counter() - start)
+    ONE_ROW_AS_TWO[key] = best[1] > ONE_ROW_AS_TWO_MIN_GAIN * best[2]
+    return ONE_ROW_AS_TWO[key]
+
+
 def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
+
+
+# ----------------------------------------------------------------------------- RMSNorm of many rows
+#
+# torch's RMSNorm on the CPU is several whole passes over its input (fp32 copies, square, mean,
+# scale, cast back), each through memory once the input outgrows the cache: the perceiver's
+# context norm over one image's 3220 projected patches (3220 x 4096) took ~40 ms a layer in
+# bf16. The same op over pieces of NORM_PIECE_ROWS rows keeps each piece's temporaries in the
+# core's cache (2 MB at width 4096 in fp32): ~2.5x faster, the same bits (a norm is per row).
+
+NORM_PIECE_ROWS = 128
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """kernels.rms_norm(x, weight, eps), x [..., N], run over pieces of NORM_PIECE_ROWS rows at
+    inference on the CPU when x has more than two pieces' rows."""
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if (x.device.type != "cpu" or rows <= 2 * NORM_PIECE_ROWS or torch.compiler.is_compiling()
+            or _needs_grad(x, weight, None) or kernels.dispatch.use_triton(x)):
+        return kernels.rms_norm(x, weight, eps)
+    flat = x.reshape(rows, x.shape[-1])
+    first = kernels.rms_norm(flat[:NORM_PIECE_ROWS], weight, eps)
+    out = first.new_empty(rows, first.shape[-1])
+    out[:NORM_PIECE_ROWS] = first
+    for start in range(NORM_PIECE_ROWS, rows, NORM_PIECE_ROWS):
+        out[start : start + NORM_PIECE_ROWS] = kernels.rms_norm(flat[start : start + NORM_PIECE_ROWS], weight, eps)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class CpuRMSNorm(RMSNorm):
+    """RMSNorm (same parameter, name and math) whose forward is `rms_norm` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def use_cpu_norms(model: nn.Module, enable: bool = True) -> nn.Module:
+    """Make every RMSNorm of `model` a CpuRMSNorm (enable=False: back), swapping the class in
+    place as `use_cpu_linears` does."""
+    old, new = (RMSNorm, CpuRMSNorm) if enable else (CpuRMSNorm, RMSNorm)
+    for module in model.modules():
+        if type(module) is old:
+            module.__class__ = new
+    return model
 
 
 class CpuLinear(nn.Linear):
