@@ -107,6 +107,12 @@ def write_random_checkpoint(path: Path, config, shard_bytes: int = SHARD_BYTES, 
         log(f"  checkpoint {path} already built")
         return
     planned = planned_tensors(config)
+    total_bytes = sum(4 * math.prod(shape) for _, shape, _ in planned)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free < total_bytes + 2 * 10**9:
+        raise SystemExit(f"not enough disk for the checkpoint: it needs {total_bytes / 1e9:.1f} GB (+2 GB to spare) "
+                         f"and {path.parent} has {free / 1e9:.1f} GB free")
     shards: list[list[tuple[str, list[int], float]]] = [[]]
     size = 0
     for entry in planned:
@@ -435,11 +441,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         inputs = work / "inputs.pt"
         make_inputs(inputs)
-        start = time.perf_counter()
-        write_random_checkpoint(path, config, shard_bytes=SHARD_BYTES if not args.smoke else 2 * 2**20)
-        results["checkpoint_bytes"] = checkpoint_bytes(path)
-        results["checkpoint_shards"] = len(list(path.glob("*.safetensors")))
-        results["write_s"] = time.perf_counter() - start
         from idefics2_mini.loading import parameter_count  # noqa: PLC0415
         import idefics2_mini as im  # noqa: PLC0415
 
@@ -452,12 +453,13 @@ def main(argv: list[str] | None = None) -> None:
                     prefill_repeats=args.repeats if not args.smoke else 1)
 
         if "reference" in impls:
-            # The dry estimate, on a probe with the same widths and a few layers.
+            # The dry estimate, on a probe with the same widths and a few layers (written, loaded and
+            # deleted before the full checkpoint is written: the disk holds one of them at a time).
             probe_config_ = smoke_config() if args.smoke else probe_config()
             write_random_checkpoint(probe_path, probe_config_)
             probe = run_child({**spec, "impl": "reference", "checkpoint": str(probe_path), "load_only": True}, min_free)
             if "failed" not in probe:
-                estimate = dry_estimate(probe, results["bf16_model_bytes"], results["checkpoint_bytes"],
+                estimate = dry_estimate(probe, results["bf16_model_bytes"], 4 * parameters,
                                         checkpoint_bytes(probe_path))
                 results["reference_estimate"] = estimate
                 print(f"  reference, dry estimate at full size: anonymous {gib(estimate['anon_bytes'])} "
@@ -466,6 +468,11 @@ def main(argv: list[str] | None = None) -> None:
                       flush=True)
             shutil.rmtree(probe_path, ignore_errors=True)
 
+        start = time.perf_counter()
+        write_random_checkpoint(path, config, shard_bytes=SHARD_BYTES if not args.smoke else 2 * 2**20)
+        results["checkpoint_bytes"] = checkpoint_bytes(path)
+        results["checkpoint_shards"] = len(list(path.glob("*.safetensors")))
+        results["write_s"] = time.perf_counter() - start
         for impl in impls:
             reason = wait_for_memory(need, max_wait, others_max=2 * GIB if not args.smoke else 2**62,
                                      log=lambda m: print(m, flush=True))
