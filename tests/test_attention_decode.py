@@ -1,6 +1,6 @@
 """Triton flash-decoding against the torch reference, on CPU in Triton's interpreter.
 
-Tolerance rule as in test_kernels_attention.py. Under the interpreter keys are processed in
+Tolerance rule as in test_attention_prefill.py. Under the interpreter keys are processed in
 blocks of 16 and split over up to 4 programs by default; `num_splits` forces other splits so
 the merge of partial softmaxes (including empty splits) is exercised.
 """
