@@ -1,8 +1,8 @@
 """Helpers shared by the benchmarks: naming the machine, timing, memory, read bandwidth.
 
 Results go to benchmarks/results/<machine-slug>/, where the slug is made from the CPU model
-(or the GPU name when the benchmark runs on CUDA) the same way benchmarks/kernels.py does, so
-the kernel and end-to-end tables of one machine sit side by side.
+(or the GPU name when the benchmark runs on CUDA) the same way benchmarks/triton_kernels.py
+does, so the kernel and end-to-end tables of one machine sit side by side.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def usable_cores() -> int:
 
 
 def slug(name: str) -> str:
-    """'AMD EPYC' -> 'amd-epyc' (the results folder name; same rule as benchmarks/kernels.py)."""
+    """'AMD EPYC' -> 'amd-epyc' (the results folder name; same rule as benchmarks/triton_kernels.py)."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 

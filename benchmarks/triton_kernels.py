@@ -1,7 +1,9 @@
 """Kernel benchmark: the Triton kernels against PyTorch's best, at the model's real shapes.
 
-    python benchmarks/kernels.py            # full sweep (GPU), or the CPU reference sweep
-    python benchmarks/kernels.py --quick    # a few shapes per kernel
+    python -m benchmarks.triton_kernels            # full sweep (GPU), or the CPU reference sweep
+    python -m benchmarks.triton_kernels --quick    # a few shapes per kernel
+
+(from the repository root, where the top-level `kernels` package is importable).
 
 On a CUDA GPU, for every kernel and shape it times (median of repeated runs, CUDA events):
   triton       the kernel in kernels/ (compiled)
@@ -36,26 +38,18 @@ import csv
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-# This script is itself called kernels.py: drop its folder from the import path so that
-# `import kernels` finds the package, not this file.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
-sys.path.insert(0, ROOT)
-
-import kernels  # noqa: E402
-from benchmarks.common import cpu_name, slug  # noqa: E402
-from benchmarks.gpu_peaks import lookup  # noqa: E402
-from kernels import _triton  # noqa: E402
-from kernels.attention_decode import attention_decode_reference, attention_decode_triton  # noqa: E402
-from kernels.attention_prefill import (  # noqa: E402
+import kernels
+from benchmarks.common import cpu_name, slug
+from benchmarks.gpu_peaks import lookup
+from kernels import _triton
+from kernels.attention_decode import attention_decode_reference, attention_decode_triton
+from kernels.attention_prefill import (
     attention,
     attention_reference,
     attention_triton,
@@ -63,7 +57,9 @@ from kernels.attention_prefill import (  # noqa: E402
     attention_varlen_reference,
     attention_varlen_triton,
 )
-from kernels.rmsnorm import rms_norm_reference  # noqa: E402
+from kernels.rmsnorm import rms_norm_reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 RMS_EPS = 1e-5
 
@@ -381,7 +377,7 @@ def write_results(b: Bench, device_name: str, out_dir: str, header_note: str):
     lines = [
         f"# Kernel benchmark — {device_name}",
         "",
-        f"- command: `python benchmarks/kernels.py{' --quick' if b.quick else ''}`",
+        f"- command: `python -m benchmarks.triton_kernels{' --quick' if b.quick else ''}`",
         f"- torch {torch.__version__}, triton {getattr(_triton.triton, '__version__', 'not installed')}, "
         f"python {platform.python_version()}, {time.strftime('%Y-%m-%d')}",
         f"- peak: {peak}",
@@ -457,7 +453,7 @@ def main(argv=None):
                 continue
             print(f"[{name}]")
             steps[name](bench)
-    out_dir = args.out or os.path.join(ROOT, "benchmarks", "results", slug(device_name))
+    out_dir = args.out or os.path.join(HERE, "results", slug(device_name))
     write_results(bench, device_name, out_dir, note)
     print(f"wrote {out_dir}/kernels.md and kernels.csv")
 
