@@ -22,15 +22,21 @@ to run a kernel on CPU tensors.
 
 Interpreter caveats (triton 3.9), both about bfloat16, which numpy lacks:
 - the interpreter stores bf16 as raw uint16 and does no arithmetic on it (`tl.dot` on bf16
-  multiplies the bit patterns). The kernels take an `UPCAST_BF16` constexpr that converts bf16
-  blocks to fp32 right after loading (exact) and round through bf16 exactly where the GPU
-  path rounds (e.g. the softmax probabilities before P @ V);
+  multiplies the bit patterns), though `.to(tl.float32)` converts it correctly. A loaded block
+  that the GPU computes on in its own dtype goes through `computable(x)`, which in the
+  interpreter widens bf16 to fp32 (exact); an operand rounded for a `tl.dot` goes through
+  `dot_operand`, which rounds through bf16 exactly where the GPU path rounds (e.g. the softmax
+  probabilities before P @ V) and then widens likewise;
 - its fp32 -> bf16 cast truncates instead of rounding to nearest even (the GPU's default).
-  Every bf16 rounding in the kernels goes through `to_dtype(x, dtype, FIX_BF16)`, which in the
+  Every bf16 rounding in the kernels goes through `to_dtype(x, dtype)`, which in the
   interpreter first rounds to nearest even by integer arithmetic on the fp32 bits (after which
-  the truncating cast is exact); compiled kernels use the plain cast.
+  the truncating cast is exact).
 With both, the interpreted kernels compute the same numbers as the compiled ones, up to
 summation order, which is what lets the CPU tests hold them to the GPU tolerance rule.
+
+Both fixes hang on one module constant, `INTERPRETED` (a `tl.constexpr`, which jitted functions
+may read as a global): it is fixed for the process at the first `import triton`, so it is no
+argument of any kernel, and when compiled it is False and the branches vanish from the code.
 """
 
 from __future__ import annotations
@@ -55,12 +61,31 @@ except Exception as error:  # ImportError, or a broken install
     triton, tl, _IMPORT_ERROR = None, None, error
 
 
+def interpreter_active() -> bool:
+    """True when Triton's own library functions were built for the interpreter."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.max, InterpretedFunction)
+
+
 if triton is not None:
+    INTERPRETED = tl.constexpr(interpreter_active())
 
     @triton.jit
-    def to_dtype(x, dtype: tl.constexpr, FIX_BF16: tl.constexpr):
+    def computable(x):
+        """x unchanged, except in the interpreter, where a bf16 block is widened to fp32
+        (exact), since the interpreter cannot compute on bf16 (see above)."""
+        if INTERPRETED:
+            if x.dtype == tl.bfloat16:
+                x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def to_dtype(x, dtype: tl.constexpr):
         """x.to(dtype), rounding to nearest even also in the interpreter (see above)."""
-        if FIX_BF16:
+        if INTERPRETED:
             if dtype == tl.bfloat16:
                 bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
                 # Add half an ulp of bf16 (minus one unless the kept last bit is odd: ties to
@@ -70,8 +95,14 @@ if triton is not None:
         return x.to(dtype)
 
     @triton.jit
-    def online_softmax_step(s, v, m_i, l_i, acc, P_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            UPCAST_BF16: tl.constexpr, FIX_BF16: tl.constexpr):
+    def dot_operand(x, dtype: tl.constexpr):
+        """Round an fp32 block to `dtype` (the inputs' dtype) so the next tl.dot runs on tensor
+        cores in 16 bit, as the GPU does; in the interpreter a bf16 block is then widened back
+        to fp32 (exactly), since the interpreter cannot multiply bf16 (see above)."""
+        return computable(to_dtype(x, dtype))
+
+    @triton.jit
+    def online_softmax_step(s, v, m_i, l_i, acc, P_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Fold one block of keys into a running softmax(s) @ V (flash attention's recurrence,
         in base 2: s is already scaled by log2(e)).
 
@@ -88,22 +119,8 @@ if triton is not None:
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        p_lo = to_dtype(p, P_DTYPE, FIX_BF16)
-        if UPCAST_BF16:
-            p_lo = p_lo.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p_lo, v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(dot_operand(p, P_DTYPE), computable(v), input_precision=DOT_PRECISION)
         return m_new, l_i, acc
-
-    @triton.jit
-    def dot_operand(x, dtype: tl.constexpr, UPCAST_BF16: tl.constexpr, FIX_BF16: tl.constexpr):
-        """Round an fp32 block to `dtype` (the inputs' dtype) so the next tl.dot runs on tensor
-        cores in 16 bit, as the GPU does; in the interpreter a bf16 block is then widened back
-        to fp32 (exactly), since the interpreter cannot multiply bf16 (see above)."""
-        x = to_dtype(x, dtype, FIX_BF16)
-        if UPCAST_BF16:
-            x = x.to(tl.float32)
-        return x
 
     # -----------------------------------------------------------------------------------------
     # Masking rules of prefill attention, shared by its forward and backward kernels
@@ -187,7 +204,8 @@ if triton is not None:
         return seen
 
 else:
-    to_dtype = online_softmax_step = dot_operand = None
+    INTERPRETED = False
+    computable = to_dtype = online_softmax_step = dot_operand = None
     sequence_rows = key_block_range = query_block_range = visible = None
 
 LOG2_E = 1.4426950408889634
@@ -196,15 +214,6 @@ LOG2_E = 1.4426950408889634
 def available() -> bool:
     """True when triton imported."""
     return triton is not None
-
-
-def interpreter_active() -> bool:
-    """True when Triton's own library functions were built for the interpreter."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.max, InterpretedFunction)
 
 
 def check_runnable(tensor: torch.Tensor) -> None:
@@ -217,11 +226,6 @@ def check_runnable(tensor: torch.Tensor) -> None:
             "before triton is first imported: set TRITON_INTERPRET=1 in the environment (this "
             "process either has a CUDA device or imported triton before `kernels`)."
         )
-
-
-def upcast_bf16(tensor: torch.Tensor) -> bool:
-    """Whether a kernel must convert bf16 blocks to fp32 after loading (interpreter only)."""
-    return tensor.dtype == torch.bfloat16 and (not tensor.is_cuda or interpreter_active())
 
 
 def next_power_of_2(n: int) -> int:

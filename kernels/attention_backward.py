@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from . import _triton
-from ._triton import (LOG2_E, dot_operand, query_block_range, key_block_range, sequence_rows, tl,
+from ._triton import (LOG2_E, computable, dot_operand, query_block_range, key_block_range, sequence_rows, tl,
                       to_dtype, triton, visible)
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ if triton is not None:
         q_len_padded, k_len_padded, n_kv_heads, group, head_dim, qk_scale, sm_scale, window,
         VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr, FIX_BF16: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         """dK, dV for BLOCK_N keys of one (sequence, kv head).
 
@@ -114,9 +114,8 @@ if triton is not None:
                     + offs_d[None, :], mask=kv_block, other=0.0)
         v = tl.load(v_ptr + b64 * sv_b + (k_start + offs_n[:, None]) * sv_n + kv_h.to(tl.int64) * sv_h
                     + offs_d[None, :], mask=kv_block, other=0.0)
-        if UPCAST_BF16:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = computable(k)
+        v = computable(v)
         if HAS_KPM:
             real_key = tl.load(kpm_ptr + b64 * skpm_b + offs_n, mask=key_in, other=0) != 0
 
@@ -139,9 +138,8 @@ if triton is not None:
                              mask=d_in[:, None] & row_in[None, :], other=0.0)
                 do = tl.load(do_base + offs_m[:, None] * sdo_m + offs_d[None, :],
                              mask=row_in[:, None] & d_in[None, :], other=0.0)
-                if UPCAST_BF16:
-                    qt = qt.to(tl.float32)
-                    do = do.to(tl.float32)
+                qt = computable(qt)
+                do = computable(do)
                 # Rows past the sequence get lse = +inf, hence P = 0.
                 lse = tl.load(lse_base + offs_m, mask=row_in, other=float("inf"))
                 delta = tl.load(delta_base + offs_m, mask=row_in, other=0.0)
@@ -155,18 +153,16 @@ if triton is not None:
                     st = tl.where(real_key[:, None], st, float("-inf"))
                 pt = tl.exp2(st - lse[None, :])  # Pᵀ: the softmax probabilities, rebuilt
 
-                dv += tl.dot(dot_operand(pt, v_ptr.dtype.element_ty, UPCAST_BF16, FIX_BF16), do,
-                             input_precision=DOT_PRECISION)
+                dv += tl.dot(dot_operand(pt, v_ptr.dtype.element_ty), do, input_precision=DOT_PRECISION)
                 dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
                 dst = pt * (dpt - delta[None, :])
-                dk += tl.dot(dot_operand(dst, q_ptr.dtype.element_ty, UPCAST_BF16, FIX_BF16), tl.trans(qt),
-                             input_precision=DOT_PRECISION)
+                dk += tl.dot(dot_operand(dst, q_ptr.dtype.element_ty), tl.trans(qt), input_precision=DOT_PRECISION)
         # S = scale * Q Kᵀ, so dK picks up the scale (the log2(e) of qk_scale only served exp2).
         dk = dk * sm_scale
         tl.store(dk_ptr + b64 * sdk_b + (k_start + offs_n[:, None]) * sdk_n + kv_h.to(tl.int64) * sdk_h
-                 + offs_d[None, :], to_dtype(dk, dk_ptr.dtype.element_ty, FIX_BF16), mask=kv_block)
+                 + offs_d[None, :], to_dtype(dk, dk_ptr.dtype.element_ty), mask=kv_block)
         tl.store(dv_ptr + b64 * sdv_b + (k_start + offs_n[:, None]) * sdv_n + kv_h.to(tl.int64) * sdv_h
-                 + offs_d[None, :], to_dtype(dv, dv_ptr.dtype.element_ty, FIX_BF16), mask=kv_block)
+                 + offs_d[None, :], to_dtype(dv, dv_ptr.dtype.element_ty), mask=kv_block)
 
     @triton.jit
     def _attention_bwd_dq_kernel(
@@ -176,7 +172,7 @@ if triton is not None:
         q_len_padded, k_len_padded, n_q_heads, group, head_dim, qk_scale, sm_scale, window,
         VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr, FIX_BF16: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         """dQ for BLOCK_M query rows of one (sequence, query head); layouts as the dK/dV kernel,
         dq like q. Grid: (cdiv(max query length, BLOCK_M), B * Hq)."""
@@ -206,9 +202,8 @@ if triton is not None:
                     mask=q_block, other=0.0)
         do = tl.load(do_ptr + b64 * sdo_b + (q_start + offs_m[:, None]) * sdo_m + h * sdo_h + offs_d[None, :],
                      mask=q_block, other=0.0)
-        if UPCAST_BF16:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = computable(q)
+        do = computable(do)
         lse = tl.load(lse_ptr + b64 * slse_b + q_start + h * slse_h + offs_m, mask=row_in, other=float("inf"))
         delta = tl.load(delta_ptr + b64 * slse_b + q_start + h * slse_h + offs_m, mask=row_in, other=0.0)
 
@@ -223,9 +218,8 @@ if triton is not None:
                          mask=d_in[:, None] & key_in[None, :], other=0.0)
             vt = tl.load(v_base + offs_kn[None, :] * sv_n + offs_d[:, None],
                          mask=d_in[:, None] & key_in[None, :], other=0.0)
-            if UPCAST_BF16:
-                kt = kt.to(tl.float32)
-                vt = vt.to(tl.float32)
+            kt = computable(kt)
+            vt = computable(vt)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             if (start_n < full_lo) | (start_n + BLOCK_N > full_hi):
                 seen = visible(q_pos[:, None], offs_kn[None, :], row_in[:, None] & key_in[None, :],
@@ -237,11 +231,10 @@ if triton is not None:
             p = tl.exp2(s - lse[:, None])
             dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(dot_operand(ds, k_ptr.dtype.element_ty, UPCAST_BF16, FIX_BF16), tl.trans(kt),
-                         input_precision=DOT_PRECISION)
+            dq += tl.dot(dot_operand(ds, k_ptr.dtype.element_ty), tl.trans(kt), input_precision=DOT_PRECISION)
         dq = dq * sm_scale
         tl.store(dq_ptr + b64 * sdq_b + (q_start + offs_m[:, None]) * sdq_m + h * sdq_h + offs_d[None, :],
-                 to_dtype(dq, dq_ptr.dtype.element_ty, FIX_BF16), mask=q_block)
+                 to_dtype(dq, dq_ptr.dtype.element_ty), mask=q_block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,11 +280,9 @@ def _launch_backward(grad_out, q, k, v, out, lse, dq, dk, dv, kpm, cu_q, cu_k, *
     bm, bn, num_warps, num_stages = _backward_block_sizes(block_d, q.dtype, q.device)
     bm, bn = block_m or bm, block_n or bn
     scale = head_dim**-0.5 if scale is None else scale
-    fix_bf16 = _triton.interpreter_active()
     common = dict(VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window is not None, HAS_KPM=kpm is not None,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  UPCAST_BF16=_triton.upcast_bf16(q), FIX_BF16=fix_bf16,
                   num_warps=num_warps, num_stages=num_stages)
     # lse (and delta, same layout) [B, Hq, Lq] or [Hq, Tq]: (batch, head) strides.
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))

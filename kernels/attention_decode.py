@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import _triton
-from ._triton import online_softmax_step, tl, to_dtype, triton
+from ._triton import computable, online_softmax_step, tl, to_dtype, triton
 from .dispatch import use_triton
 
 
@@ -99,8 +99,7 @@ if triton is not None:
         sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, skm_b,
         kv_heads, group, head_dim, slots, chunk, num_splits, qk_scale,
         HAS_KEY_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
-        FIX_BF16: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """q [B, Hq, D]; k/v cache [B, Hkv, S, D]; seqlens [B]; key_mask [B, S] uint8.
         Writes part_out [B, Hq, splits, D] (fp32, normalised within the chunk) and
@@ -125,8 +124,7 @@ if triton is not None:
         heads = kv_h * group + offs_g
         q = tl.load(q_ptr + b64 * sq_b + heads[:, None].to(tl.int64) * sq_h + offs_d[None, :],
                     mask=g_in[:, None] & d_in[None, :], other=0.0)
-        if UPCAST_BF16:
-            q = q.to(tl.float32)
+        q = computable(q)
         k_base = k_ptr + b64 * sk_b + kv_h.to(tl.int64) * sk_h
         v_base = v_ptr + b64 * sv_b + kv_h.to(tl.int64) * sv_h
 
@@ -138,8 +136,7 @@ if triton is not None:
             key_in = offs_kn < end
             kt = tl.load(k_base + offs_kn[None, :].to(tl.int64) * sk_s + offs_d[:, None],
                          mask=d_in[:, None] & key_in[None, :], other=0.0)
-            if UPCAST_BF16:
-                kt = kt.to(tl.float32)
+            kt = computable(kt)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             valid = key_in
             if HAS_KEY_MASK:
@@ -149,8 +146,7 @@ if triton is not None:
             v = tl.load(v_base + offs_kn[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                         mask=key_in[:, None] & d_in[None, :], other=0.0)
             # Online softmax across this chunk's blocks.
-            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, v_ptr.dtype.element_ty, DOT_PRECISION,
-                                                UPCAST_BF16, FIX_BF16)
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, v_ptr.dtype.element_ty, DOT_PRECISION)
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]
         lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
@@ -162,7 +158,7 @@ if triton is not None:
     @triton.jit
     def _decode_reduce_kernel(
         part_out_ptr, part_lse_ptr, out_ptr, q_heads, head_dim, num_splits, so_b, so_h,
-        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, FIX_BF16: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Merge the splits of one (sequence, query head): with chunk log-sum-exps L_s and
         normalised chunk outputs O_s, out = sum_s exp2(L_s - M) O_s / sum_s exp2(L_s - M),
@@ -183,7 +179,7 @@ if triton is not None:
                        mask=s_in[:, None] & d_in[None, :], other=0.0)
         total = tl.sum(weight, 0)
         out = tl.sum(weight[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
-        tl.store(out_ptr + b * so_b + h * so_h + offs_d, to_dtype(out, out_ptr.dtype.element_ty, FIX_BF16), mask=d_in)
+        tl.store(out_ptr + b * so_b + h * so_h + offs_d, to_dtype(out, out_ptr.dtype.element_ty), mask=d_in)
 
 
 def _decode_config(q, batch, kv_heads, slots, num_splits):
@@ -245,11 +241,11 @@ def attention_decode_triton(q, k_cache, v_cache, cache_seqlens, *, key_mask=None
         kv_heads, group, head_dim, slots, chunk, splits, scale * LOG2_E,
         HAS_KEY_MASK=kmask is not None, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_BF16=_triton.upcast_bf16(q), FIX_BF16=_triton.interpreter_active(), num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     _decode_reduce_kernel[(batch * q_heads,)](
         part_out, part_lse, out, q_heads, head_dim, splits, out.stride(0), out.stride(1),
-        BLOCK_S=max(2, _triton.next_power_of_2(splits)), BLOCK_D=block_d, FIX_BF16=_triton.interpreter_active(), num_warps=4,
+        BLOCK_S=max(2, _triton.next_power_of_2(splits)), BLOCK_D=block_d, num_warps=4,
     )
     return out
 

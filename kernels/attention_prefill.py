@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton
-from ._triton import (LOG2_E, key_block_range, online_softmax_step, sequence_rows, tl, to_dtype,
-                      triton, visible)
+from ._triton import (LOG2_E, computable, key_block_range, online_softmax_step, sequence_rows, tl,
+                      to_dtype, triton, visible)
 from .attention_backward import attention_backward_triton, attention_varlen_backward_triton
 from .dispatch import use_triton
 
@@ -174,8 +174,7 @@ if triton is not None:
         q_len_padded, k_len_padded, n_q_heads, group, head_dim, qk_scale, window,
         VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
         HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
-        FIX_BF16: tl.constexpr, STORE_LSE: tl.constexpr = False,
+        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr = False,
     ):
         """Padded: q/o [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], kpm [B, Lk] uint8 (1 = real key),
         lse [B, Hq, Lq] fp32. Varlen: q/o [Tq, Hq, D], k/v [Tk, Hkv, D], cu_q/cu_k [B + 1]
@@ -205,8 +204,7 @@ if triton is not None:
 
         q = tl.load(q_base + offs_m[:, None] * sq_m + offs_d[None, :],
                     mask=row_in[:, None] & d_in[None, :], other=0.0)
-        if UPCAST_BF16:
-            q = q.to(tl.float32)
+        q = computable(q)
 
         lo, hi, full_lo, full_hi = key_block_range(pid_m * BLOCK_M, q_len, k_len, window, CAUSAL, HAS_WINDOW,
                                                    BLOCK_M, BLOCK_N)
@@ -219,8 +217,7 @@ if triton is not None:
             # K is loaded transposed ([BLOCK_D, BLOCK_N]) so q @ kT is a plain dot.
             kt = tl.load(k_base + offs_kn[None, :] * sk_n + offs_d[:, None],
                          mask=d_in[:, None] & key_in[None, :], other=0.0)
-            if UPCAST_BF16:
-                kt = kt.to(tl.float32)
+            kt = computable(kt)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             if (start_n < full_lo) | (start_n + BLOCK_N > full_hi):
                 seen = visible(q_pos[:, None], offs_kn[None, :], row_in[:, None] & key_in[None, :],
@@ -231,13 +228,12 @@ if triton is not None:
                 s = tl.where(real[None, :] != 0, s, float("-inf"))
             v = tl.load(v_base + offs_kn[:, None] * sv_n + offs_d[None, :],
                         mask=key_in[:, None] & d_in[None, :], other=0.0)
-            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, v_ptr.dtype.element_ty, DOT_PRECISION,
-                                                UPCAST_BF16, FIX_BF16)
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, v_ptr.dtype.element_ty, DOT_PRECISION)
         # Rows that saw no key (l = 0) output zeros, like the reference.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         tl.store(o_base + offs_m[:, None] * so_m + offs_d[None, :],
-                 to_dtype(out, o_ptr.dtype.element_ty, FIX_BF16), mask=row_in[:, None] & d_in[None, :])
+                 to_dtype(out, o_ptr.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
         if STORE_LSE:
             # +inf for a row that saw no key: the backward's exp2(s - lse) is then 0 for every
             # key, so the row gets zero gradients instead of NaN.
@@ -279,7 +275,6 @@ def _launch(q, k, v, out, kpm, cu_q, cu_k, lse, strides, q_len, k_len, grid_m, b
         VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window is not None,
         HAS_KPM=strides["has_kpm"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_BF16=_triton.upcast_bf16(q), FIX_BF16=_triton.interpreter_active(),
         STORE_LSE=lse is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out

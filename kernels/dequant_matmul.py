@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import _triton
-from ._triton import dot_operand, tl, triton
+from ._triton import computable, dot_operand, tl, triton
 from .dispatch import use_triton
 
 BITS = (8, 4)
@@ -92,7 +92,7 @@ if triton is not None:
         M, N, K, groups, per_split, x_row_stride,
         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr, FIX_BF16: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         """x [M, K] (row stride given); q: int8 [N, K] (BITS=8) or uint8 [N, K/2] (BITS=4);
         s, z [N, groups]; out fp32 [splits, M, N]: this program's partial sum over its share of
@@ -114,10 +114,9 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < k_end
                 x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                if UPCAST_BF16:
-                    x = x.to(tl.float32)
+                x = computable(x)
                 q = tl.load(q_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
-                w = dot_operand(q.to(tl.float32), dtype, UPCAST_BF16, FIX_BF16)  # exact: |q| <= 128
+                w = dot_operand(q.to(tl.float32), dtype)  # exact: |q| <= 128
                 acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
                 x_sum += tl.sum(x.to(tl.float32), axis=1)
             s = tl.load(s_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -144,13 +143,10 @@ if triton is not None:
                     w_high += z[:, None]
                 x_low = tl.load(x_rows + g * GROUP + halves[None, :], mask=row_ok[:, None], other=0.0)
                 x_high = tl.load(x_rows + g * GROUP + HALF + halves[None, :], mask=row_ok[:, None], other=0.0)
-                if UPCAST_BF16:
-                    x_low = x_low.to(tl.float32)
-                    x_high = x_high.to(tl.float32)
-                acc += tl.dot(x_low, tl.trans(dot_operand(w_low, dtype, UPCAST_BF16, FIX_BF16)),
-                              input_precision=DOT_PRECISION)
-                acc += tl.dot(x_high, tl.trans(dot_operand(w_high, dtype, UPCAST_BF16, FIX_BF16)),
-                              input_precision=DOT_PRECISION)
+                x_low = computable(x_low)
+                x_high = computable(x_high)
+                acc += tl.dot(x_low, tl.trans(dot_operand(w_low, dtype)), input_precision=DOT_PRECISION)
+                acc += tl.dot(x_high, tl.trans(dot_operand(w_high, dtype)), input_precision=DOT_PRECISION)
         out = out_ptr + split.to(tl.int64) * M * N + rows.to(tl.int64)[:, None] * N + cols[None, :]
         tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -195,7 +191,6 @@ def _quantized_matmul_launch(x: torch.Tensor, qweight: torch.Tensor, scales: tor
             BITS=bits, GROUP=group_size, HAS_ZERO=zeros is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            UPCAST_BF16=_triton.upcast_bf16(x), FIX_BF16=_triton.interpreter_active(),
         )
     out = partial.sum(0) if splits > 1 else partial[0]
     if bias is not None:

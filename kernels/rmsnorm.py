@@ -56,7 +56,7 @@ if triton is not None:
     def _rms_norm_fwd_kernel(
         x_ptr, weight_ptr, y_ptr, rstd_ptr,
         n_cols, x_row_stride, y_row_stride, eps,
-        BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, ACC: tl.constexpr, FIX_BF16: tl.constexpr,
+        BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, ACC: tl.constexpr,
     ):
         """x, y: [rows, n_cols] (row strides given, unit column stride); weight: [n_cols];
         rstd: [rows] (ACC dtype, saved for the backward)."""
@@ -70,9 +70,9 @@ if triton is not None:
             x = tl.load(x_row + cols, mask=in_row, other=0.0).to(ACC)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
             # The reference casts the normalised value to the input dtype *before* the weight.
-            normed = to_dtype(x * rstd, in_dtype, FIX_BF16).to(ACC)
+            normed = to_dtype(x * rstd, in_dtype).to(ACC)
             w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-            tl.store(y_row + cols, to_dtype(w * normed, y_ptr.dtype.element_ty, FIX_BF16), mask=in_row)
+            tl.store(y_row + cols, to_dtype(w * normed, y_ptr.dtype.element_ty), mask=in_row)
         else:
             sum_sq = tl.zeros([BLOCK], dtype=ACC)
             for start in range(0, n_cols, BLOCK):
@@ -85,9 +85,9 @@ if triton is not None:
                 cols = start + tl.arange(0, BLOCK)
                 in_row = cols < n_cols
                 x = tl.load(x_row + cols, mask=in_row, other=0.0).to(ACC)
-                normed = to_dtype(x * rstd, in_dtype, FIX_BF16).to(ACC)
+                normed = to_dtype(x * rstd, in_dtype).to(ACC)
                 w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
-                tl.store(y_row + cols, to_dtype(w * normed, y_ptr.dtype.element_ty, FIX_BF16), mask=in_row)
+                tl.store(y_row + cols, to_dtype(w * normed, y_ptr.dtype.element_ty), mask=in_row)
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
@@ -95,7 +95,7 @@ if triton is not None:
         dy_ptr, x_ptr, weight_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
         n_rows, n_cols, rows_per_program,
         dy_row_stride, x_row_stride, dx_row_stride,
-        BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, ACC: tl.constexpr, FIX_BF16: tl.constexpr,
+        BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, ACC: tl.constexpr,
     ):
         """Backward of y = w * cast(x * rstd).
 
@@ -130,8 +130,8 @@ if triton is not None:
                 g = dy * w
                 mean_gn = tl.sum(g * normed, axis=0) / n_cols
                 dx = (g - normed * mean_gn) * rstd
-                tl.store(dx_row + cols, to_dtype(dx, dx_ptr.dtype.element_ty, FIX_BF16), mask=in_row)
-                dw_acc += dy * to_dtype(normed, in_dtype, FIX_BF16).to(ACC)
+                tl.store(dx_row + cols, to_dtype(dx, dx_ptr.dtype.element_ty), mask=in_row)
+                dw_acc += dy * to_dtype(normed, in_dtype).to(ACC)
                 x_row += x_row_stride
                 dy_row += dy_row_stride
                 dx_row += dx_row_stride
@@ -157,11 +157,11 @@ if triton is not None:
                     w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC)
                     normed = x * rstd
                     dx = (dy * w - normed * mean_gn) * rstd
-                    tl.store(dx_row + cols, to_dtype(dx, dx_ptr.dtype.element_ty, FIX_BF16), mask=in_row)
+                    tl.store(dx_row + cols, to_dtype(dx, dx_ptr.dtype.element_ty), mask=in_row)
                     # dw_partial row `pid` belongs to this program alone, so read-modify-write is
                     # race free (each element is touched by the same thread every time).
                     dw = tl.load(dw_row + cols, mask=in_row, other=0.0)
-                    tl.store(dw_row + cols, dw + dy * to_dtype(normed, in_dtype, FIX_BF16).to(ACC), mask=in_row)
+                    tl.store(dw_row + cols, dw + dy * to_dtype(normed, in_dtype).to(ACC), mask=in_row)
                 x_row += x_row_stride
                 dy_row += dy_row_stride
                 dx_row += dx_row_stride
@@ -202,8 +202,7 @@ def _rms_norm_fwd_launch(x, weight, eps, max_one_block=MAX_ONE_BLOCK):
     block, one_block, num_warps = _block_config(n_cols, max_one_block)
     _rms_norm_fwd_kernel[(rows,)](
         x2, weight, y2, rstd, n_cols, x2.stride(0), y2.stride(0), eps,
-        BLOCK=block, ONE_BLOCK=one_block, ACC=_acc_dtype(x, weight), FIX_BF16=_triton.interpreter_active(),
-        num_warps=num_warps,
+        BLOCK=block, ONE_BLOCK=one_block, ACC=_acc_dtype(x, weight), num_warps=num_warps,
     )
     return y, rstd
 
@@ -230,8 +229,7 @@ def _rms_norm_bwd_launch(dy, x, weight, rstd, max_one_block=MAX_ONE_BLOCK):
         dy2, x2, weight, rstd, dx2, dw_partial,
         rows, n_cols, rows_per_program,
         dy2.stride(0), x2.stride(0), dx2.stride(0),
-        BLOCK=block, ONE_BLOCK=one_block, ACC=_acc_dtype(x, weight), FIX_BF16=_triton.interpreter_active(),
-        num_warps=num_warps,
+        BLOCK=block, ONE_BLOCK=one_block, ACC=_acc_dtype(x, weight), num_warps=num_warps,
     )
     return dx, dw_partial.sum(0).to(weight.dtype)
 

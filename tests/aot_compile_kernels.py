@@ -53,7 +53,7 @@ def variants():
                                                               ("fp32", "ieee", (64, 32, 4, 2))):
         for varlen, causal, window, kpm in ((False, True, True, True), (True, False, False, False)):
             constexprs = dict(VARLEN=varlen, CAUSAL=causal, HAS_WINDOW=window, HAS_KPM=kpm, BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_D=128, DOT_PRECISION=dot, UPCAST_BF16=False, FIX_BF16=False)
+                              BLOCK_N=block_n, BLOCK_D=128, DOT_PRECISION=dot)
             kernel = prefill._attention_fwd_kernel
             pointers = {"kpm_ptr": "*u8", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32"}
             yield (f"prefill {element} {'varlen' if varlen else 'padded'} causal={causal} window={window}", kernel,
@@ -62,23 +62,23 @@ def variants():
         kernel = decode._decode_split_kernel
         pointers = {"seqlens_ptr": "*i32", "key_mask_ptr": "*u8", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
         yield (f"decode split {element}", kernel, signature(kernel, pointers, {"qk_scale"}, element),
-               dict(HAS_KEY_MASK=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, DOT_PRECISION=dot, UPCAST_BF16=False,
-                    FIX_BF16=False), {"num_warps": 4, "num_stages": 3})
+               dict(HAS_KEY_MASK=True, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, DOT_PRECISION=dot),
+               {"num_warps": 4, "num_stages": 3})
         kernel = decode._decode_reduce_kernel
         yield (f"decode reduce {element}", kernel,
                signature(kernel, {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}, set(), element),
-               dict(BLOCK_S=8, BLOCK_D=128, FIX_BF16=False), {"num_warps": 4})
+               dict(BLOCK_S=8, BLOCK_D=128), {"num_warps": 4})
         for one_block in (True, False):
             kernel = rmsnorm._rms_norm_fwd_kernel
             yield (f"rmsnorm forward {element} one_block={one_block}", kernel,
                    signature(kernel, {"rstd_ptr": "*fp32"}, {"eps"}, element),
                    dict(BLOCK=4096 if one_block else 1024, ONE_BLOCK=one_block,
-                        ACC=triton.language.float32, FIX_BF16=False), {"num_warps": 8})
+                        ACC=triton.language.float32), {"num_warps": 8})
             kernel = rmsnorm._rms_norm_bwd_kernel
             yield (f"rmsnorm backward {element} one_block={one_block}", kernel,
                    signature(kernel, {"rstd_ptr": "*fp32", "dw_partial_ptr": "*fp32"}, set(), element),
                    dict(BLOCK=4096 if one_block else 1024, ONE_BLOCK=one_block,
-                        ACC=triton.language.float32, FIX_BF16=False), {"num_warps": 8})
+                        ACC=triton.language.float32), {"num_warps": 8})
 
 
 def main() -> None:

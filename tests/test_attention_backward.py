@@ -307,7 +307,7 @@ for element, dtype, layouts in (("bf16", torch.bfloat16, (False, True)), ("fp32"
     fwd_m, fwd_n, fwd_warps, fwd_stages = aot.prefill._block_sizes(128, dtype, cuda)
     for varlen in layouts:
         masks = dict(VARLEN=varlen, CAUSAL=not varlen, HAS_WINDOW=not varlen, HAS_KPM=not varlen, BLOCK_D=128,
-                     DOT_PRECISION="ieee" if element == "fp32" else "tf32", UPCAST_BF16=False, FIX_BF16=False)
+                     DOT_PRECISION="ieee" if element == "fp32" else "tf32")
         for kernel, blocks, num_warps, num_stages in (
             (aot.prefill._attention_fwd_kernel, dict(BLOCK_M=fwd_m, BLOCK_N=fwd_n, STORE_LSE=True), fwd_warps, fwd_stages),
             (backward._attention_bwd_dkdv_kernel, dict(BLOCK_M=bm, BLOCK_N=bn), warps, stages),
