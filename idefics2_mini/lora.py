@@ -138,14 +138,11 @@ def apply(
     if not names:
         raise ValueError(f"no linear layer of the model matches the LoRA targets {list(targets)}")
     model.requires_grad_(False)
-    wrapped: dict[nn.Module, nn.Module] = {}
+    # A fused q/k/v or gate/up group (backends/fusion.py) notices that one of its linears was
+    # replaced and runs them one by one from then on, adapters included.
     for name in names:
         parent, attribute = _parent(model, name)
-        base = getattr(parent, attribute)
-        adapter = LoRALinear(base, rank, alpha, dropout, dtype)
-        setattr(parent, attribute, adapter)
-        wrapped[base] = adapter
-    _drop_fusions(model, wrapped)
+        setattr(parent, attribute, LoRALinear(getattr(parent, attribute), rank, alpha, dropout, dtype))
     return names
 
 
@@ -298,13 +295,3 @@ def _official_or_none(name: str) -> str | None:
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, attribute = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attribute
-
-
-def _drop_fusions(model: nn.Module, wrapped: dict[nn.Module, nn.Module]) -> None:
-    """Fused projections (one matmul serving q/k/v or gate/up) read the old linears' weights and
-    would skip the adapters: a module whose fusion covers a wrapped linear runs unfused."""
-    for module in model.modules():
-        for attribute, value in list(vars(module).items()):
-            linears = getattr(value, "linears", None)
-            if isinstance(linears, list) and any(linear in wrapped for linear in linears):
-                setattr(module, attribute, None)
