@@ -35,8 +35,10 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def fresh_choices(monkeypatch):
-    """Every test starts with no settled one-row choices and leaves none behind."""
+    """Every test starts with no settled one-row choices and leaves none behind; bf16 rows go to
+    oneDNN (gemv.c off), the path these choices are for (tests/test_gemv.py tests gemv.c)."""
     monkeypatch.setattr(cpu, "ONE_ROW_AS_TWO", {})
+    monkeypatch.setenv("IDEFICS2_MINI_GEMV", "reference")
 
 
 def test_bf16_logits_error_within_twice_the_reference_bf16(checkpoint, capsys):
@@ -209,9 +211,12 @@ def test_compile_decode_settles_the_decoder_shapes_before_tracing(checkpoint):
     assert cpu.ONE_ROW_AS_TWO == {}  # fp32 has its own rules
 
 
-def test_bf16_greedy_decode_equals_the_plain_model(checkpoint):
-    """The backends (bf16 linears, fused projections, the fast norm) do not change a greedy bf16
-    answer of the plain model, both one-row forms pinned in turn."""
+@pytest.mark.parametrize("linears", ["gemv", "onednn"])
+def test_bf16_greedy_decode_equals_the_plain_model(checkpoint, linears, monkeypatch):
+    """The backends (bf16 linears through gemv.c or oneDNN, fused projections, the fast norm) do
+    not change a greedy bf16 answer of the plain model, both one-row forms pinned in turn."""
+    if linears == "onednn":
+        monkeypatch.setenv("IDEFICS2_MINI_GEMV", "reference")
     path, _ = checkpoint
     plain = im.Idefics2.from_pretrained(path, dtype=torch.bfloat16, backends=False)
     fast = im.Idefics2.from_pretrained(path, dtype=torch.bfloat16)

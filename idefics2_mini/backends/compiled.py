@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu, fusion
+from . import cpu, fusion, gemv
 
 
 def compile_decode(model: nn.Module, enable: bool = True, **compile_options) -> nn.Module:
@@ -44,12 +44,13 @@ def compile_decode(model: nn.Module, enable: bool = True, **compile_options) -> 
 def settle_one_row_linears(model: nn.Module) -> None:
     """Measure, before tracing, how each bf16 / fp16 decoder weight runs one input row
     (cpu.settle_one_row): the compiled step cannot time anything, and would otherwise keep the
-    plain one-row form for every shape."""
+    plain one-row form for every shape. bf16 rows go to gemv.c when it is built: nothing to settle."""
     weights = [module.weight for module in (*model.text.modules(), model.lm_head) if isinstance(module, cpu.CpuLinear)]
     weights += [group.weight for group in fusion.fused_groups(model.text)]
     for weight in weights:
         if (weight.device.type == "cpu" and weight.dtype in cpu.HALF_DTYPES and weight.dim() == 2
-                and weight.numel() >= cpu.ONEDNN_MIN_WEIGHT_ELEMENTS and weight.stride(1) == 1):
+                and weight.numel() >= cpu.ONEDNN_MIN_WEIGHT_ELEMENTS and weight.stride(1) == 1
+                and not gemv.takes(weight[:1], weight)):
             cpu.settle_one_row(weight)
 
 

@@ -40,6 +40,7 @@ import kernels
 import kernels.dispatch
 
 from ..layers import RMSNorm
+from . import gemv
 
 ONEDNN_MIN_WEIGHT_ELEMENTS = 2**19
 
@@ -144,7 +145,10 @@ ONE_ROW_AS_TWO: dict[tuple[torch.dtype, int, int], bool] = {}
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`linear` for bf16 / fp16 inference on the CPU (see above): x as one [rows, in] matrix, and
-    a single row run as two rows for the weight shapes where that was measured faster."""
+    a single row run as two rows for the weight shapes where that was measured faster; bf16
+    decode-sized inputs through gemv.c."""
+    if gemv.takes(x, weight, bias):
+        return gemv.bf16_linear(x, weight)
     in_features, out_features = weight.shape[1], weight.shape[0]
     rows = x.numel() // in_features
     flat = x.reshape(rows, in_features)

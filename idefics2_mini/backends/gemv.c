@@ -1,0 +1,98 @@
+/* bf16 weights times a few rows on the CPU: y = x @ W.T, for decode (idefics2_mini/backends/
+ * gemv.py builds this file with the system C compiler and calls it through ctypes).
+ *
+ *     x bf16 [M, K] (M <= 8), W bf16 [N, K] row-major  ->  y bf16 [M, N]
+ *
+ * Decode reads every weight once per token, so a bf16 step should take half the time of an fp32
+ * one. oneDNN's bf16 inner product, which torch runs for a bf16 F.linear on the CPU, streams a
+ * decode-sized weight well below the memory's bandwidth on CPUs without AMX (e.g. AMD Zen 4;
+ * benchmarks/bf16_ops.py). Here each weight row is read once for all M rows of x, its 16-bit
+ * numbers widened to fp32 in registers (a bf16 is the top half of an fp32: a zero-extend and a
+ * shift, exact) and multiplied with x, also widened once, accumulating in fp32; the sum is
+ * rounded to bf16 (nearest even) once, as a bf16 matmul does. Written with GCC/Clang vector
+ * extensions (16 floats per vector), so -march=native picks the machine's instructions; output
+ * rows are split over OpenMP threads (torch's own runtime when loaded into a torch process).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROWS 8
+#define ROW_BLOCK 16 /* output rows per OpenMP work item */
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u32 __attribute__((vector_size(64)));
+typedef uint16_t v16u16 __attribute__((vector_size(32)));
+
+static inline v16f load_f32(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
+static inline v16f bf16x16_to_f32(const uint16_t *p) {
+    v16u16 h; memcpy(&h, p, sizeof h);
+    v16u32 bits = __builtin_convertvector(h, v16u32) << 16;
+    v16f f; memcpy(&f, &bits, sizeof f); return f;
+}
+static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float hsum(v16f v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
+
+/* Register tile: MM rows of x (<= 4) times NR weight rows, over the whole of K. Each widened
+ * weight vector meets MM rows of x and each loaded x vector NR weight rows, so the loads per FMA
+ * stay low enough for the loop to run at the memory's pace; with 8 rows of x, a tile of weight
+ * rows (NR x K x 2 bytes, in the core's L2) is swept twice. */
+#define TILE(MM, NR)                                                                              \
+static void tile_##MM##_##NR(const float *x, int64_t K, const uint16_t *w, int64_t n,            \
+                             int64_t N, uint16_t *y) {                                           \
+    v16f acc[MM][NR];                                                                            \
+    for (int m = 0; m < MM; m++)                                                                 \
+        for (int r = 0; r < NR; r++) acc[m][r] = (v16f){0};                                      \
+    int64_t k = 0;                                                                               \
+    for (; k + 16 <= K; k += 16) {                                                               \
+        v16f wv[NR];                                                                             \
+        for (int r = 0; r < NR; r++) wv[r] = bf16x16_to_f32(w + (n + r) * K + k);                \
+        for (int m = 0; m < MM; m++) {                                                           \
+            v16f xv = load_f32(x + m * K + k);                                                   \
+            for (int r = 0; r < NR; r++) acc[m][r] += wv[r] * xv;                                \
+        }                                                                                        \
+    }                                                                                            \
+    for (int m = 0; m < MM; m++)                                                                 \
+        for (int r = 0; r < NR; r++) {                                                           \
+            float sum = hsum(acc[m][r]);                                                         \
+            for (int64_t t = k; t < K; t++) sum += bf16_to_f32(w[(n + r) * K + t]) * x[m * K + t]; \
+            y[m * N + n + r] = f32_to_bf16(sum);                                                 \
+        }                                                                                        \
+}
+#define NR 4
+TILE(1, 4) TILE(2, 4) TILE(3, 4) TILE(4, 4) TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1)
+
+typedef void (*tile_fn)(const float *, int64_t, const uint16_t *, int64_t, int64_t, uint16_t *);
+static const tile_fn TILE_NR[5] = {0, tile_1_4, tile_2_4, tile_3_4, tile_4_4};
+static const tile_fn TILE_1[5] = {0, tile_1_1, tile_2_1, tile_3_1, tile_4_1};
+
+/* y[:, n0:n1] for all M rows of x, in tiles of <= 4 rows of x and NR (or, at the end, 1) weight rows */
+static void rows(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t n0, int64_t n1,
+                 int64_t N, uint16_t *y) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        int64_t mm = M - m0 < 4 ? M - m0 : 4;
+        int64_t n = n0;
+        for (; n + NR <= n1; n += NR) TILE_NR[mm](x + m0 * K, K, w, n, N, y + m0 * N);
+        for (; n < n1; n++) TILE_1[mm](x + m0 * K, K, w, n, N, y + m0 * N);
+    }
+}
+
+/* x bf16 [M, K] (M <= 8), w bf16 [N, K] -> y bf16 [M, N]; 0 on success. */
+int gemv_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, uint16_t *y, int threads) {
+    if (M < 1 || M > MAX_ROWS || K < 1 || N < 1) return 1;
+    float *x32 = malloc((size_t)(M * K) * sizeof(float));
+    if (!x32) return 2;
+    for (int64_t i = 0; i < M * K; i++) x32[i] = bf16_to_f32(x[i]);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += ROW_BLOCK) {
+        int64_t n1 = n0 + ROW_BLOCK < N ? n0 + ROW_BLOCK : N;
+        rows(x32, M, K, w, n0, n1, N, y);
+    }
+    free(x32);
+    return 0;
+}
