@@ -18,9 +18,17 @@ def _ulps_from_exact(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> tor
     return ((out.float() - exact.float()).abs() / step).round()
 
 
+@pytest.fixture(params=["default", "fma"])
+def loop(request, monkeypatch):
+    """Both inner loops: the default (vdpbf16ps where the CPU has it) and the portable one."""
+    if request.param == "fma":
+        monkeypatch.setenv("IDEFICS2_MINI_GEMV_FMA", "1")
+    return request.param
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize("n, k", [(4, 16), (37, 100), (70, 4096), (9, 1000)])  # tails in N (tiles of 4) and K (16)
-def test_bf16_linear_is_the_exact_sum_rounded_once(rows, n, k):
+@pytest.mark.parametrize("n, k", [(4, 16), (37, 100), (70, 4096), (9, 1000)])  # tails in N (tiles of 4) and K (16, 32)
+def test_bf16_linear_is_the_exact_sum_rounded_once(rows, n, k, loop):
     torch.manual_seed(rows * 1000 + n + k)
     x = torch.randn(rows, k).bfloat16()
     w = torch.randn(n, k).bfloat16()

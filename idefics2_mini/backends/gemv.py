@@ -5,12 +5,15 @@ the memory's bandwidth where oneDNN's bf16 inner product does not (see gemv.c).
     bf16_linear(x, weight)    x [..., K] bf16 (at most MAX_ROWS rows) @ weight[N, K].T -> [..., N] bf16
 
 The sum is in fp32 and rounded to bf16 once, as torch's bf16 matmul does; only the order of the
-additions differs. IDEFICS2_MINI_GEMV=reference switches it off (the oneDNN path).
+additions differs. On CPUs with AVX-512 BF16 the products are vdpbf16ps's (`dpbf16()` says
+whether this build has it; IDEFICS2_MINI_GEMV_FMA=1 takes the portable widen-and-FMA loop
+instead, for comparisons). IDEFICS2_MINI_GEMV=reference switches gemv.c off (the oneDNN path).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ MAX_ROWS = 8  # rows of x per call: each weight row is read once for all of them
 def _declare(lib: ctypes.CDLL) -> None:
     pointer, int64 = ctypes.c_void_p, ctypes.c_int64
     lib.gemv_bf16.argtypes = [pointer, int64, int64, pointer, int64, pointer, ctypes.c_int]
-    lib.gemv_bf16.restype = ctypes.c_int
+    lib.gemv_bf16.restype = lib.gemv_dpbf16.restype = ctypes.c_int
 
 
 LIBRARY = NativeLibrary(Path(__file__).with_name("gemv.c"), _declare, switch_env="IDEFICS2_MINI_GEMV")
@@ -33,6 +36,12 @@ LIBRARY = NativeLibrary(Path(__file__).with_name("gemv.c"), _declare, switch_env
 def built() -> bool:
     """Whether gemv.c is built and on (a constant to torch.compile: it is settled before tracing)."""
     return LIBRARY.get() is not None
+
+
+def dpbf16() -> bool:
+    """Whether this build multiplies with vdpbf16ps (AVX-512 BF16) by default."""
+    lib = LIBRARY.get()
+    return bool(lib is not None and lib.gemv_dpbf16() and not os.environ.get("IDEFICS2_MINI_GEMV_FMA"))
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
