@@ -32,10 +32,17 @@ def _declare(lib: ctypes.CDLL) -> None:
 LIBRARY = NativeLibrary(Path(__file__).with_name("gemv.c"), _declare, switch_env="IDEFICS2_MINI_GEMV")
 
 
-@torch.compiler.assume_constant_result
+_built: bool | None = None  # settled by the first eager `built()`; what a compiled step reads
+
+
 def built() -> bool:
-    """Whether gemv.c is built and on (a constant to torch.compile: it is settled before tracing)."""
-    return LIBRARY.get() is not None
+    """Whether gemv.c is built and on. Inside torch.compile the answer of the last eager call
+    (compile_decode makes one before tracing): the ctypes library is nothing a graph can hold."""
+    global _built  # noqa: PLW0603
+    if torch.compiler.is_compiling():
+        return bool(_built)
+    _built = LIBRARY.get() is not None
+    return _built
 
 
 def dpbf16() -> bool:
