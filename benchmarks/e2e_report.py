@@ -1,6 +1,8 @@
 """The end-to-end benchmark's report: rows of (metric, ours, reference, ratio, target) from the
 measured results, written as benchmarks/results/<machine>/e2e.md (+ .csv, .json, .png).
 
+    python -m benchmarks.e2e_report --plot benchmarks/results/<machine>   # e2e.png again, from e2e.csv
+
 Decode is also reported as achieved memory bandwidth: the bytes a decode step must read (every
 decoder weight, the final norm and the full lm_head; the embedding table only for the B gathered
 rows; plus the K and V cache up to the average context length of the measured steps) times
@@ -364,3 +366,31 @@ def print_rows(rows: list[Row]) -> None:
         target = f"  [{r.target}: {r.met}]" if r.target else ""
         print(f"    {r.metric:<58} ours {fmt(r.ours, r.unit):>9}  ref {fmt(r.reference, r.unit):>9} {r.unit:<8}"
               f"{ratio}{target}", flush=True)
+
+
+def rows_from_csv(path: Path) -> tuple[dict, list[Row]]:
+    """The rows (and the machine info the plot shows) back from an e2e.csv."""
+    import re  # noqa: PLC0415
+
+    rows, info = [], {}
+    with open(path, newline="") as f:
+        for record in csv.DictReader(f):
+            number = lambda text: float(text) if text else None  # noqa: E731
+            match = re.search(r"([<>]=)\s*([0-9.]+)", record["target"])
+            rows.append(Row(record["model"], record["metric"], record["unit"], number(record["ours"]),
+                            number(record["reference"]), record["better"], record["target"],
+                            float(match.group(2)) if match else None,
+                            "ratio" if record["target"].startswith("ours/ref") else "ours"))
+            info = {"device": record["device"], "threads": record["threads"], "date": record["date"]}
+    return info, rows
+
+
+if __name__ == "__main__":
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description="Redraw e2e.png from a results folder's e2e.csv.")
+    parser.add_argument("--plot", type=Path, required=True, help="benchmarks/results/<machine>")
+    folder = parser.parse_args().plot
+    machine, table = rows_from_csv(folder / "e2e.csv")
+    plot(folder, machine, table)
+    print(f"wrote {folder / 'e2e.png'}")
