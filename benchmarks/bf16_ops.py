@@ -3,9 +3,10 @@ the form torch runs by default and in the form idefics2_mini runs (backends/cpu.
 
     python -m benchmarks.bf16_ops [--threads N] [--quick]
 
-1. One input row through each 8B weight shape: F.linear as it is, and the same row run as two
-   rows (oneDNN's one-row kernel reads some shapes far below the memory bandwidth); which form
-   `backends.cpu.settle_one_row` picks on this machine.
+1. One and eight input rows through each 8B weight shape: F.linear (oneDNN's bf16 inner
+   product) as it is, one row run as two rows (oneDNN's one-row kernel reads some shapes far
+   below the memory bandwidth; which form `backends.cpu.settle_one_row` picks where gemv.c is
+   not built), and gemv.c (`backends.gemv`, what `backends.cpu.linear` runs for up to 8 rows).
 2. The last token's hidden state [1, 1, 4096], a slice of [1, T, 4096], through the 8B lm_head:
    F.linear on the slice (matmul cannot fold it: bmm over an expanded weight, copied in bf16)
    against the slice reshaped to [1, 4096] (what `backends.cpu.linear` does).
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import machine_info, median_call_us, wait_for_quiet_machine, write_markdown
-from idefics2_mini.backends import cpu
+from idefics2_mini.backends import cpu, gemv
 
 SHAPES = [  # (name, out, in): the 8B decoder's and lm_head's weights as a decode step reads them
     ("8B lm_head", 32003, 4096),
@@ -68,10 +69,12 @@ def main(argv: list[str] | None = None) -> None:
         f"inference; median µs of repeated calls ({seconds} s each), best of {rounds} alternating rounds; "
         "GB/s = weight bytes / time. The CPU is shared: other engineers' work may have run meanwhile.",
         "", "## One input row through a bf16 weight", "",
-        "| weight | [out, in] | one row µs | as two rows µs | two / one | one row GB/s | as two GB/s | settled |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| weight | [out, in] | 1 row: F.linear µs | as two rows µs | gemv.c µs | 1 row GB/s: F.linear / two / gemv.c "
+        "| 8 rows: F.linear µs | gemv.c µs | 8 rows GB/s: F.linear / gemv.c | settled (no gemv.c) |",
+        "|---|---|---:|---:|---:|---|---:|---:|---|---|",
     ]
     cpu.ONE_ROW_AS_TWO.clear()
+    have_gemv = gemv.LIBRARY.get() is not None
     with torch.no_grad():
         for name, out_features, in_features in SHAPES:
             if args.quick and name not in QUICK_SHAPES:
@@ -79,13 +82,19 @@ def main(argv: list[str] | None = None) -> None:
             weight = torch.randn(out_features, in_features).to(bf16)
             one = torch.randn(1, in_features).to(bf16)
             two = one.expand(2, in_features).contiguous()
+            eight = torch.randn(8, in_features).to(bf16)
+            fns = {"one": lambda: F.linear(one, weight), "two": lambda: F.linear(two, weight),
+                   "eight": lambda: F.linear(eight, weight)}
+            if have_gemv:
+                fns |= {"gemv": lambda: gemv.bf16_linear(one, weight), "gemv8": lambda: gemv.bf16_linear(eight, weight)}
             wait()
-            times = best_of({"one": lambda: F.linear(one, weight), "two": lambda: F.linear(two, weight)},
-                            seconds, rounds)
+            times = best_of(fns, seconds, rounds)
             settled = "as two rows" if cpu.settle_one_row(weight) else "one row"
             gb = weight.numel() * 2 / 1e3
-            row = (f"| {name} | [{out_features}, {in_features}] | {times['one']:,.0f} | {times['two']:,.0f} | "
-                   f"{times['two'] / times['one']:.2f} | {gb / times['one']:.1f} | {gb / times['two']:.1f} | {settled} |")
+            g1, g8 = times.get("gemv", float("nan")), times.get("gemv8", float("nan"))
+            row = (f"| {name} | [{out_features}, {in_features}] | {times['one']:,.0f} | {times['two']:,.0f} | {g1:,.0f} | "
+                   f"{gb / times['one']:.1f} / {gb / times['two']:.1f} / {gb / g1:.1f} | {times['eight']:,.0f} | {g8:,.0f} | "
+                   f"{gb / times['eight']:.1f} / {gb / g8:.1f} | {settled} |")
             print(row, flush=True)
             lines.append(row)
 
