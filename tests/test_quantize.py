@@ -123,6 +123,30 @@ def test_int4_packing_round_trip():
 # ----------------------------------------------------------------------------- the CPU paths
 
 
+def rounded_x(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [M, K] fp32 as the "vnni" path of qmatmul.c multiplies it: per block of `block` columns,
+    x16 = round-half-even(x * (X16_MAX / max|x|)) in fp32 as the C code computes it, and
+    x~ = x16 * (max|x| / X16_MAX)."""
+    rows, k = x.shape
+    blocks = x.view(rows, k // block, block)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    top = torch.tensor(float(cpu.X16_MAX))
+    inv = torch.where(amax > 0, top / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / top)).view(rows, k)
+
+
+def rounded_x_step(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[M, K]: the grid step of each column's block in `rounded_x`."""
+    rows, k = x.shape
+    amax = x.view(rows, k // block, block).abs().amax(-1, keepdim=True)
+    return (amax / cpu.X16_MAX).expand(rows, k // block, block).reshape(rows, k)
+
+
+def x_block(bits: int, group: int) -> int:
+    """Columns per 16-bit scale of x on the "vnni" path."""
+    return cpu.VNNI_INT8_BLOCK if bits == 8 else group
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(8, symmetric=False), QuantSpec(4, 32), QuantSpec(4, 64),
                                   QuantSpec(4, 128, symmetric=True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -130,7 +154,11 @@ def test_cpu_paths_equal_the_reference(spec, dtype, monkeypatch):
     linear = nn.Linear(256, 40, bias=True)
     layer = QuantizedLinear.from_linear(linear.requires_grad_(False).to(dtype), spec)
     args = (layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    # fp32: the reference's own rounding, and on the "vnni" path x on a 16-bit grid (2^-16 of
+    # a block's largest |x|: well within 1e-4 of the largest output; test_c_kernel_paths checks
+    # that path exactly)
+    vnni = cpu.kernel_path(spec.bits, 1, 256, layer.group_size, dtype) == "vnni"
+    tolerance = (1e-4 if vnni else 1e-5) if dtype == torch.float32 else 1e-2
     for rows in (1, 3, 8, 9, 40):  # up to 8: the C kernel; beyond: dequantize and matmul
         x = torch.randn(rows, 256).to(dtype)
         expected = quantized_matmul_reference(x, *args, layer.bias)
@@ -142,34 +170,83 @@ def test_cpu_paths_equal_the_reference(spec, dtype, monkeypatch):
 
 
 def test_c_kernel_odd_widths_and_blocks(monkeypatch):
-    """int8 rows whose width is no multiple of 16 (the kernel's scalar tail); the prefill path's
-    weight blocks smaller than the weight."""
+    """int8 rows whose width is no multiple of 16 (the kernel's scalar tail; the "vnni" path
+    needs whole blocks of 128 columns, so the portable path runs); the prefill path's weight
+    blocks smaller than the weight."""
     layer = QuantizedLinear.from_linear(nn.Linear(100, 37, bias=False).requires_grad_(False), QuantSpec(8))
     x = torch.randn(2, 100)
     expected = quantized_matmul_reference(x, layer.qweight, layer.scales, None, 8, 100)
+    assert cpu.kernel_path(8, 2, 100, 100, torch.float32) == "portable"
     assert (cpu.kernel_matmul(x, layer.qweight, layer.scales, None, 8, 100) - expected).abs().max() < 1e-5
     monkeypatch.setattr(cpu, "DEQUANT_BLOCK_ELEMENTS", 1000)  # 10 rows of 100 at a time
     out = cpu.dequantized_linear(x, layer.qweight, layer.scales, None, 8, 100)
     assert (out - expected).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("group,symmetric", [(32, False), (64, False), (128, True)])
-def test_c_kernel_int4_at_decoder_width(group, symmetric):
-    """int4 at K = 4096 (the AVX-512 BF16 path splits fp32 x into two bf16 halves and takes a 128
-    offset out of every nibble: both must cancel to fp32 accuracy at real widths), fp32 and bf16 x."""
+PATH_CASES = [(8, None, True), (8, None, False), (4, 32, False), (4, 64, False), (4, 128, True), (4, 64, True)]
+
+
+@pytest.mark.parametrize("bits,group,symmetric", PATH_CASES)
+@pytest.mark.parametrize("k", [384, 4096, 8320])
+def test_c_kernel_paths(bits, group, symmetric, k):
+    """Every path this build has, at K = 384 (int4 g128: 3 groups where the kernel takes 16 at a
+    time, a partial block), 4096 and 8320 (one row of x: weight rows two at a time, 97 rows: one
+    left over), every row count, fp32 and bf16 x, channels of very
+    different sizes. "portable" and "bf16" (x split into two bf16 halves: 2^-16 relative) are
+    fp32-accurate; "vnni" multiplies x~ (x on a 16-bit grid per block: `rounded_x`) and must
+    give W x~ to fp32 accuracy, x~ within half a grid step of x."""
     g = torch.Generator().manual_seed(3)
-    linear = nn.Linear(4096, 96, bias=False).requires_grad_(False)
-    linear.weight.copy_(torch.randn(96, 4096, generator=g) * 0.02)
-    layer = QuantizedLinear.from_linear(linear, QuantSpec(4, group, symmetric=symmetric))
+    n = 97
+    linear = nn.Linear(k, n, bias=False).requires_grad_(False)
+    linear.weight.copy_(torch.randn(n, k, generator=g) * 0.02)
+    layer = QuantizedLinear.from_linear(linear, QuantSpec(bits, group, symmetric=symmetric))
     weight = layer.dequantized_weight().double()
-    for rows in (1, 5, 8):
-        x = torch.randn(rows, 4096, generator=g) * torch.exp(torch.randn(4096, generator=g))  # uneven channels
+    assert cpu.paths()[-1] == "portable"
+    assert cpu.kernel_path(bits, 1, k, layer.group_size, torch.float32) == cpu.paths()[0]
+    block = x_block(bits, layer.group_size)
+    for rows in range(1, cpu.MAX_ROWS + 1):
+        x = torch.randn(rows, k, generator=g) * torch.exp(torch.randn(k, generator=g))  # uneven channels
         for dtype in (torch.float32, torch.bfloat16):
-            xd = x.to(dtype)
-            exact = xd.double() @ weight.t()
-            out = cpu.kernel_matmul(xd, layer.qweight, layer.scales, layer.zeros, 4, group).double()
-            tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the result's own rounding
-            assert (out - exact).abs().max() <= tolerance * exact.abs().max(), (rows, dtype)
+            xd = x.to(dtype).float()
+            for path in cpu.paths():
+                if path == "bf16" and bits == 8:
+                    continue
+                out = cpu.kernel_matmul(x.to(dtype), layer.qweight, layer.scales, layer.zeros, bits,
+                                        layer.group_size, path).double()
+                multiplied = rounded_x(xd, block) if path == "vnni" else xd
+                # half a step, give or take fp32 rounding of x * (X16_MAX / max) and of the step
+                # (each 2^-24 relative, of numbers up to X16_MAX steps)
+                assert ((multiplied - xd).abs() <= rounded_x_step(xd, block) * 0.51).all()
+                exact = multiplied.double() @ weight.t()
+                tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the result's own rounding
+                error = ((out - exact).abs().max() / exact.abs().max()).item()
+                assert error <= tolerance, (path, rows, dtype, error)
+    if "vnni" in cpu.paths():  # what "vnni" trades: against x itself it is off, by little
+        x = torch.randn(1, k, generator=g)
+        out = cpu.kernel_matmul(x, layer.qweight, layer.scales, layer.zeros, bits, layer.group_size, "vnni").double()
+        exact = x.double() @ weight.t()
+        assert 0 < ((out - exact).abs().max() / exact.abs().max()).item() < 1e-4
+
+
+def test_kernel_path_choice(monkeypatch):
+    """IDEFICS2_MINI_QMM_PATH forces a path where it takes the shapes; one that does not (int8
+    on "bf16", K = 100 on "vnni") leaves the automatic choice; a path asked for directly that
+    cannot take the shapes is an error, not a silent fallback."""
+    monkeypatch.setenv(cpu.PATH_ENV, "portable")
+    assert cpu.kernel_path(8, 1, 4096, 4096, torch.float32) == "portable"
+    x = torch.randn(1, 256) * torch.exp(torch.randn(256))
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 16, bias=False).requires_grad_(False), QuantSpec(4, 64))
+    expected = quantized_matmul_reference(x, layer.qweight, layer.scales, layer.zeros, 4, 64)
+    with torch.no_grad():
+        assert (layer(x) - expected).abs().max() <= 1e-5 * expected.abs().max()  # the exact fp32 path ran
+    monkeypatch.setenv(cpu.PATH_ENV, "bf16")
+    assert cpu.kernel_path(8, 1, 4096, 4096, torch.float32) == cpu.paths()[0]
+    if "vnni" in cpu.paths():
+        monkeypatch.setenv(cpu.PATH_ENV, "vnni")
+        assert cpu.kernel_path(8, 1, 100, 100, torch.float32) == "portable"
+        with pytest.raises(RuntimeError, match="refused"):
+            cpu.kernel_matmul(torch.randn(1, 100), torch.zeros(4, 100, dtype=torch.int8), torch.ones(4, 1), None, 8,
+                              100, "vnni")
 
 
 def test_c_kernel_built_and_switchable(monkeypatch):

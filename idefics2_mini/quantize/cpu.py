@@ -5,11 +5,24 @@ rather than bandwidth-bound (`_weight_int4pack_mm_for_cpu` reads its int4 weight
 where the memory gives ~20, `_weight_int8pack_mm` at ~12 GB/s, and both take ~10x longer
 still with fp32 activations); benchmarks/quantize.py times them beside this kernel. The kernel
 streams the stored bytes as they are (the format of kernels/dequant_matmul.py) for up to
-MAX_ROWS rows of x (int8 widened to fp32 in registers; int4 dequantized by a table lookup, or,
-for one row of bf16 activations on CPUs with AVX-512 BF16, turned into bf16 numbers with two bit
-operations and multiplied by vdpbf16ps: the one case where that measured faster; `int4_path()`
-says whether this build has it); more rows (prefill) dequantize a block of weight rows at a time and run
-the float matmul (`dequantized_linear`), which is compute-bound there anyway.
+MAX_ROWS rows of x, each weight row read once for all of them, by one of three paths
+(qmatmul.c explains each; `kernel_path` below picks one per call):
+
+    "vnni"      CPUs with AVX-512 VNNI (Intel Ice Lake / Sapphire Rapids and later, AMD Zen 4):
+                the weights stay integers, x is rounded to 16-bit integers per block of columns
+                (per group for int4; error 2^-16 of the block's largest |x|), and vpdpwssd /
+                vpdpbusd multiply 32 / 64 pairs per instruction. The default where it exists:
+                on 2 AMD EPYC (Zen 4) cores it streams int8 at 21-27 GB/s and int4 at 25-30
+                where the fp32-converting paths below reached 15 and 11 (the memory: ~29).
+    "bf16"      int4 on AVX-512 BF16: nibbles as bf16 numbers against x split into two bf16
+                halves; measured faster than the table only for one row of bf16 x (Xeon).
+    "portable"  GCC/Clang vector extensions, any CPU: int8 widened to fp32, int4 through a
+                16-entry table per group; exact fp32 math.
+
+More rows (prefill) dequantize a block of weight rows at a time and run the float matmul
+(`dequantized_linear`), which is compute-bound there anyway.
+
+IDEFICS2_MINI_QMM_PATH=vnni|bf16|portable forces a path where it applies (benchmarks, tests).
 
 Building: `cc -O3 -march=native -fopenmp -shared -fPIC` into the user cache
 ($IDEFICS2_MINI_CACHE, else $XDG_CACHE_HOME/idefics2_mini, else ~/.cache/idefics2_mini), named by
@@ -37,6 +50,10 @@ from kernels.dequant_matmul import dequantize_reference
 
 SOURCE = Path(__file__).with_name("qmatmul.c")
 MAX_ROWS = 8  # rows of x the C kernel takes in one call (each weight row read once for all)
+# The "vnni" path's rounding of x (qmatmul.c: X16_MAX, XBLOCK8): x16 = round(x * X16_MAX / max|x|)
+# per block of VNNI_INT8_BLOCK columns (int8) or per group (int4). Tests emulate it with these.
+X16_MAX = 32639
+VNNI_INT8_BLOCK = 128
 CPU_ENV = "IDEFICS2_MINI_QUANT_CPU"  # "auto" (default) or "reference"
 FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
@@ -114,23 +131,68 @@ def library() -> ctypes.CDLL | None:
             errors.append(f"{target}: {err}")
             continue
         pointer, int64 = ctypes.c_void_p, ctypes.c_int64
-        lib.qmm_int8.argtypes = [pointer, int64, int64, pointer, int64, pointer, pointer, pointer, ctypes.c_int]
-        lib.qmm_int4.argtypes = [pointer, int64, int64, int64, pointer, int64, pointer, pointer, pointer,
-                                 ctypes.c_int]
-        lib.qmm_int8.restype = lib.qmm_int4.restype = lib.qmm_int4_path.restype = ctypes.c_int
+        integer = ctypes.c_int
+        lib.qmm_int8.argtypes = [pointer, int64, int64, pointer, int64, pointer, pointer, pointer, integer, integer]
+        lib.qmm_int4.argtypes = [pointer, int64, int64, int64, pointer, int64, pointer, pointer, pointer, integer,
+                                 integer]
+        lib.qmm_takes.argtypes = [integer, integer, int64, int64]
+        lib.qmm_int8.restype = lib.qmm_int4.restype = lib.qmm_takes.restype = lib.qmm_paths.restype = integer
         _library = lib
         return lib
     _build_error = "; ".join(errors)
     return None
 
 
-def int4_path() -> str:
-    """Which int4 kernels qmatmul.c has here: "avx512-bf16" (one row of bf16 x; the table
-    otherwise), "table" or "unavailable"."""
+PATHS = {"portable": 0, "vnni": 1, "bf16": 2}  # qmatmul.c's PATH_* numbers
+PATH_ENV = "IDEFICS2_MINI_QMM_PATH"
+
+
+def paths() -> list[str]:
+    """The kernel paths this build has ("vnni", "bf16", "portable"; none without a build)."""
+    lib = library()
+    if lib is None:
+        return []
+    built = lib.qmm_paths()
+    return [name for name, bit in (("vnni", 1), ("bf16", 2)) if built & bit] + ["portable"]
+
+
+def kernel_path(bits: int, rows: int, k: int, group_size: int, dtype: torch.dtype) -> str:
+    """The path qmatmul.c takes for one call ("unavailable" without a build; this is where the
+    per-machine choice lives):
+    IDEFICS2_MINI_QMM_PATH if set and it takes the shapes; else "vnni" where built (measured
+    fastest on AMD EPYC Zen 4 for int8 and int4, every row count up to MAX_ROWS); else, for
+    int4, "bf16" for one row of bf16 x with groups >= 64 (the one case measured faster than the
+    table on the Xeon, before the "vnni" path existed; "vnni" has not been timed there); else
+    "portable"."""
     lib = library()
     if lib is None:
         return "unavailable"
-    return "avx512-bf16" if lib.qmm_int4_path() and not os.environ.get("IDEFICS2_MINI_QMM_INT4_TABLE") else "table"
+    forced = os.environ.get(PATH_ENV, "auto")
+    key = (bits, rows, k, group_size, dtype, forced, lib)
+    path = _chosen.get(key)
+    if path is None:  # decided once per kind of call: a decode step makes ~15 of them
+        path = _choose(lib, bits, rows, k, group_size, dtype, forced.strip().lower())
+        _chosen[key] = path
+    return path
+
+
+_chosen: dict[tuple, str] = {}
+
+
+def _choose(lib, bits: int, rows: int, k: int, group_size: int, dtype: torch.dtype, forced: str) -> str:
+    if forced in PATHS and lib.qmm_takes(bits, PATHS[forced], k, group_size):
+        return forced
+    if lib.qmm_takes(bits, PATHS["vnni"], k, group_size):
+        return "vnni"
+    if (bits == 4 and rows == 1 and dtype == torch.bfloat16 and group_size >= 64
+            and lib.qmm_takes(4, PATHS["bf16"], k, group_size)):
+        return "bf16"
+    return "portable"
+
+
+def int4_path(rows: int = 1, k: int = 4096, group_size: int = 64, dtype: torch.dtype = torch.float32) -> str:
+    """`kernel_path` for an int4 call of this kind ("unavailable" without a build)."""
+    return kernel_path(4, rows, k, group_size, dtype)
 
 
 def build_error() -> str | None:
@@ -155,23 +217,26 @@ def kernel_takes(x: torch.Tensor, bits: int, group_size: int) -> bool:
 
 
 def kernel_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                  bits: int, group_size: int) -> torch.Tensor:
-    """x [..., K] (at most MAX_ROWS rows) -> [..., N] in x's dtype, through qmatmul.c. The
-    quantized tensors must be contiguous, with scales/zeros fp32 (int8) or bf16 (int4)."""
+                  bits: int, group_size: int, path: str | None = None) -> torch.Tensor:
+    """x [..., K] (at most MAX_ROWS rows) -> [..., N] in x's dtype, through qmatmul.c (`path`:
+    None for `kernel_path`'s choice). The quantized tensors must be contiguous, with
+    scales/zeros fp32 (int8) or bf16 (int4)."""
     lib = library()
     k = x.shape[-1]
     x32 = x.reshape(-1, k).to(torch.float32).contiguous()
     rows, n = x32.shape[0], qweight.shape[0]
+    path = path or kernel_path(bits, rows, k, group_size, x.dtype)
     out = torch.empty(rows, n, dtype=torch.float32)
     threads = torch.get_num_threads()
     if bits == 8:
         status = lib.qmm_int8(x32.data_ptr(), rows, k, qweight.data_ptr(), n, scales.data_ptr(),
-                              _pointer(zeros), out.data_ptr(), threads)
+                              _pointer(zeros), out.data_ptr(), threads, PATHS[path])
     else:
         status = lib.qmm_int4(x32.data_ptr(), rows, k, group_size, qweight.data_ptr(), n, scales.data_ptr(),
-                              _pointer(zeros), out.data_ptr(), threads)
+                              _pointer(zeros), out.data_ptr(), threads, PATHS[path])
     if status:
-        raise RuntimeError(f"qmatmul.c refused its arguments (status {status}): rows {rows}, K {k}, group {group_size}")
+        raise RuntimeError(f"qmatmul.c refused its arguments (status {status}): int{bits}, path {path}, rows {rows}, "
+                           f"K {k}, group {group_size}")
     return out.view(*x.shape[:-1], n).to(x.dtype)
 
 

@@ -10,7 +10,8 @@
  * to fp32 in registers and multiplied with x (fp32) there, accumulating in fp32. Written with
  * GCC/Clang vector extensions (16 floats per vector), so the compiler picks the instructions of
  * the machine it is built on (-march=native: AVX-512, AVX2, NEON); output rows are split over
- * OpenMP threads (torch's own OpenMP runtime when loaded into a torch process).
+ * OpenMP threads (torch's own OpenMP runtime when loaded into a torch process). On CPUs with
+ * AVX-512 VNNI a faster path keeps the weights integers (below); cpu.py picks a path per call.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -69,10 +70,8 @@ typedef void (*int8_rows_fn)(const float *, int64_t, const int8_t *, int64_t, in
 static const int8_rows_fn INT8_ROWS_FN[MAX_ROWS + 1] = {
     0, int8_rows_1, int8_rows_2, int8_rows_3, int8_rows_4, int8_rows_5, int8_rows_6, int8_rows_7, int8_rows_8};
 
-/* x fp32 [M, K] (M <= 8), q int8 [N, K], scale/zero fp32 [N] (zero may be NULL) -> y fp32 [M, N] */
-int qmm_int8(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
-             const float *zero, float *y, int threads) {
-    if (M < 1 || M > MAX_ROWS) return 1;
+static int qmm_int8_fp32(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
+                         const float *zero, float *y, int threads) {
     float xsum[MAX_ROWS] = {0};
     if (zero)
         for (int64_t m = 0; m < M; m++)
@@ -278,28 +277,385 @@ static int qmm_int4_bf16(const float *x, int64_t M, int64_t K, int64_t G, const 
 #define HAVE_INT4_BF16 0
 #endif
 
-/* 1 when qmm_int4 can take the AVX-512 BF16 path on this build (cpu.py reports it) */
-int qmm_int4_path(void) { return HAVE_INT4_BF16; }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+/* ---------------------------------------------------- AVX-512 VNNI: integer dot products (fastest)
+ * The fp32 paths above spend 3-5 instructions per 16 weights turning integers into floats
+ * before one FMA; on 2 EPYC (Zen 4) cores that is compute-bound at ~15 GB/s (int8) and ~11 GB/s
+ * (int4, table) where the memory gives ~30. Here the weights stay integers and x is rounded
+ * to 16-bit integers instead (per call, O(M K), vectorised), so one instruction multiplies and
+ * adds 32 (vpdpwssd: int16 x int16) or 64 (vpdpbusd: uint8 x int8) products in int32:
+ *
+ *   x~ = sx * x16, x16 = round(x / sx), |x16| <= X16_MAX, sx = max |x| over a block of columns / X16_MAX
+ *
+ * so x~ is x to within half a step, 2^-16 of the block's largest |x| (a block: XBLOCK8 columns
+ * for int8, one group for int4), and the kernel returns W x~ exactly but for fp32 rounding of
+ * the per-block sums: far below the weights' own quantization error (~1e-2 int8, ~1e-1 int4).
+ *
+ * int8: the weights sign-extended to int16, vpdpwssd against x16; each block's int32 sums
+ *       become fp32 and are scaled by the block's sx, the row's scale at the end.
+ * int4: nibbles u = q + 8 (0..15) as the unsigned operand of vpdpbusd; x16 = 256 h + l as two
+ *       signed bytes (h, l in [-128, 127]; hence X16_MAX = 127 * 256 + 127), laid out in the
+ *       nibbles' byte order (byte j of a group: column j low, column j + G/2 high), so each
+ *       group's sum u x16 is 4 vpdpbusd per 64 bytes of weights; then, per group,
+ *       s sx sum u x16 + (z - 8 s) X~  (X~ = sum x~ over the group: the -8 offset and the zero).
+ *
+ * Measured on 2 EPYC (Zen 4) cores, one row of x, weights streamed from memory (not the cache):
+ * int8 33-36 GB/s on 14336 x 4096 and the 32003 x 4096 lm_head, where the fp32 path above gave
+ * 15-29; int4 (g64) 22-27 GB/s, table path 11-15. Rows of 14336 columns stay slower (int8 ~20,
+ * int4 ~17): x's 28 KB copy no longer fits L1 beside the weight stream, so one row of x takes
+ * two weight rows at a time there (PAIRS_MIN_K: each x load serves both; +10-15%; at 4096
+ * columns two streams lose 40%). What did not help: software prefetch for int8 (2048 bytes
+ * ahead: 34 -> 19 GB/s; it stays for int4, +20% on long rows), and passes over chunks of the
+ * columns for a block of 16 rows (16 interleaved streams: 35 -> 16 GB/s). In the L3, int8 runs
+ * at ~80 GB/s, int4 at ~28: int4 is bound by its instructions (14 per 64 bytes), int8 by the
+ * memory. */
+#include <immintrin.h>
+#define HAVE_VNNI 1
+#define XBLOCK8 128    /* int8: columns of x per 16-bit scale */
+#define X16_MAX 32639  /* 127 * 256 + 127 */
+#ifndef PAIRS_MIN_K
+#define PAIRS_MIN_K 8192 /* one row of x and at least this many columns: two weight rows at a time */
+#endif
+#ifndef PREFETCH8
+#define PREFETCH8 0    /* int8: software prefetch distance in bytes (0: none; 2048 cost 40% at K = 4096) */
+#endif
+#ifndef PREFETCH4
+#define PREFETCH4 2048 /* int4: the same */
+#endif
+
+/* x [M, K] fp32 -> x16 [M, K] int16, sx [M, K / B] (blocks of B columns, B a multiple of 16)
+ * and xsum [M]: the sum of x~ (for the zero term: the kernel computes W x~, every term) */
+static void round_x16(const float *x, int64_t M, int64_t K, int64_t B, int16_t *x16, float *sx, float *xsum) {
+    const int64_t blocks = K / B;
+    for (int64_t m = 0; m < M; m++) {
+        double total = 0.0;
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *xb = x + m * K + b * B;
+            __m512 top = _mm512_setzero_ps();
+            for (int64_t k = 0; k < B; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(xb + k)));
+            const float amax = _mm512_reduce_max_ps(top);
+            const float step = amax / X16_MAX, inv = amax > 0.f ? X16_MAX / amax : 0.f;
+            sx[m * blocks + b] = step;
+            const __m512 vinv = _mm512_set1_ps(inv);
+            __m512i count = _mm512_setzero_si512();
+            for (int64_t k = 0; k < B; k += 16) {
+                __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + k), vinv)); /* nearest even */
+                count = _mm512_add_epi32(count, r);
+                _mm256_storeu_si256((void *)(x16 + m * K + b * B + k), _mm512_cvtepi32_epi16(r));
+            }
+            total += (double)step * _mm512_reduce_add_epi32(count);
+        }
+        xsum[m] = (float)total;
+    }
+}
+
+/* Rows n0..n1 of y, for MM rows of x: each weight row streamed once, start to end. */
+#define VNNI8_ROWS(MM)                                                                            \
+static void vnni8_rows_##MM(const int16_t *x16, const float *sx, int64_t K, const int8_t *q,     \
+                            int64_t n0, int64_t n1, int64_t N, const float *scale,               \
+                            const float *zero, const float *xsum, float *y) {                    \
+    const int64_t blocks = K / XBLOCK8;                                                          \
+    for (int64_t n = n0; n < n1; n++) {                                                          \
+        const int8_t *row = q + n * K;                                                           \
+        __m512 acc[MM];                                                                          \
+        for (int m = 0; m < MM; m++) acc[m] = _mm512_setzero_ps();                               \
+        for (int64_t b = 0; b < blocks; b++) {                                                   \
+            __m512i s0[MM], s1[MM]; /* two independent dot-product chains */                     \
+            for (int m = 0; m < MM; m++) s0[m] = s1[m] = _mm512_setzero_si512();                 \
+            for (int64_t j = 0; j < XBLOCK8; j += 64) { /* a constant count: unrolled */         \
+                const int64_t k = b * XBLOCK8 + j;                                               \
+                if (PREFETCH8) _mm_prefetch((const char *)(row + k + PREFETCH8), _MM_HINT_T0);   \
+                __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(row + k)));  \
+                __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(row + k + 32))); \
+                for (int m = 0; m < MM; m++) {                                                   \
+                    s0[m] = _mm512_dpwssd_epi32(s0[m], w0, _mm512_loadu_si512(x16 + m * K + k));   \
+                    s1[m] = _mm512_dpwssd_epi32(s1[m], w1, _mm512_loadu_si512(x16 + m * K + k + 32)); \
+                }                                                                                \
+            }                                                                                    \
+            for (int m = 0; m < MM; m++)                                                         \
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0[m], s1[m])),     \
+                                         _mm512_set1_ps(sx[m * blocks + b]), acc[m]);            \
+        }                                                                                        \
+        for (int m = 0; m < MM; m++)                                                             \
+            y[m * N + n] = _mm512_reduce_add_ps(acc[m]) * scale[n] + (zero ? zero[n] * xsum[m] : 0.f); \
+    }                                                                                            \
+}
+VNNI8_ROWS(1) VNNI8_ROWS(2) VNNI8_ROWS(3) VNNI8_ROWS(4) VNNI8_ROWS(5) VNNI8_ROWS(6) VNNI8_ROWS(7) VNNI8_ROWS(8)
+
+typedef void (*vnni8_rows_fn)(const int16_t *, const float *, int64_t, const int8_t *, int64_t, int64_t, int64_t,
+                              const float *, const float *, const float *, float *);
+static const vnni8_rows_fn VNNI8_ROWS_FN[MAX_ROWS + 1] = {
+    0, vnni8_rows_1, vnni8_rows_2, vnni8_rows_3, vnni8_rows_4, vnni8_rows_5, vnni8_rows_6, vnni8_rows_7, vnni8_rows_8};
+
+/* One row of x, two weight rows at a time: each x load serves both. For long rows (x's 16-bit
+ * copy no longer fits L1 next to the weight stream) this halves what x costs in L2 traffic. */
+static void vnni8_pairs_1(const int16_t *x16, const float *sx, int64_t K, const int8_t *q, int64_t n0,
+                          int64_t n1, int64_t N, const float *scale, const float *zero, const float *xsum,
+                          float *y) {
+    const int64_t blocks = K / XBLOCK8;
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) {
+        const int8_t *r0 = q + n * K, *r1 = r0 + K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t b = 0; b < blocks; b++) {
+            __m512i s0 = _mm512_setzero_si512(), t0 = s0, s1 = s0, t1 = s0;
+            for (int64_t j = 0; j < XBLOCK8; j += 64) {
+                const int64_t k = b * XBLOCK8 + j;
+                const __m512i x0 = _mm512_loadu_si512(x16 + k), x1 = _mm512_loadu_si512(x16 + k + 32);
+                s0 = _mm512_dpwssd_epi32(s0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(r0 + k))), x0);
+                t0 = _mm512_dpwssd_epi32(t0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(r0 + k + 32))), x1);
+                s1 = _mm512_dpwssd_epi32(s1, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(r1 + k))), x0);
+                t1 = _mm512_dpwssd_epi32(t1, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(r1 + k + 32))), x1);
+            }
+            const __m512 step = _mm512_set1_ps(sx[b]);
+            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, t0)), step, a0);
+            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s1, t1)), step, a1);
+        }
+        y[n] = _mm512_reduce_add_ps(a0) * scale[n] + (zero ? zero[n] * xsum[0] : 0.f);
+        y[n + 1] = _mm512_reduce_add_ps(a1) * scale[n + 1] + (zero ? zero[n + 1] * xsum[0] : 0.f);
+    }
+    if (n < n1) vnni8_rows_1(x16, sx, K, q, n, n1, N, scale, zero, xsum, y);
+}
+
+static int qmm_int8_vnni(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
+                         const float *zero, float *y, int threads) {
+    const int64_t blocks = K / XBLOCK8;
+    int16_t *x16 = aligned_alloc(64, ((sizeof(int16_t) * M * K + 63) / 64) * 64);
+    float *sx = malloc(sizeof(float) * (M * blocks + MAX_ROWS));
+    if (!x16 || !sx) { free(x16); free(sx); return 2; }
+    float *xsum = sx + M * blocks;
+    round_x16(x, M, K, XBLOCK8, x16, sx, xsum);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += ROW_BLOCK) {
+        int64_t n1 = n0 + ROW_BLOCK < N ? n0 + ROW_BLOCK : N;
+        if (M == 1 && K >= PAIRS_MIN_K)
+            vnni8_pairs_1(x16, sx, K, q, n0, n1, N, scale, zero, xsum, y);
+        else
+            VNNI8_ROWS_FN[M](x16, sx, K, q, n0, n1, N, scale, zero, xsum, y);
+    }
+    free(x16); free(sx);
+    return 0;
+}
+
+/* int4: x -> the four byte planes (h of the low-nibble columns, h of the high, l low, l high),
+ * each [K/2] per row of x in the weights' byte order; per group: sx and X~ (sum of x~). */
+static void split_x4(const float *x, int64_t M, int64_t K, int64_t G, int8_t *planes, float *sx, float *xg) {
+    const int64_t groups = K / G, half = G / 2, H = K / 2;
+    int16_t column[128];
+    for (int64_t m = 0; m < M; m++) {
+        int8_t *hl = planes + m * 2 * K, *hh = hl + H, *ll = hh + H, *lh = ll + H;
+        for (int64_t g = 0; g < groups; g++) {
+            const float *xg_ = x + m * K + g * G;
+            __m512 top = _mm512_setzero_ps();
+            for (int64_t k = 0; k < G; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(xg_ + k)));
+            const float amax = _mm512_reduce_max_ps(top);
+            const float step = amax / X16_MAX, inv = amax > 0.f ? X16_MAX / amax : 0.f;
+            __m512i count = _mm512_setzero_si512();
+            for (int64_t k = 0; k < G; k += 16) {
+                __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg_ + k), _mm512_set1_ps(inv)));
+                count = _mm512_add_epi32(count, r);
+                _mm256_storeu_si256((void *)(column + k), _mm512_cvtepi32_epi16(r));
+            }
+            sx[m * groups + g] = step;
+            xg[m * groups + g] = step * (float)_mm512_reduce_add_epi32(count);
+            for (int64_t j = 0; j < half; j += 16) { /* h = (x16 + 128) >> 8 (floor), l = x16 - 256 h */
+                __m256i lowc = _mm256_loadu_si256((const void *)(column + j));
+                __m256i highc = _mm256_loadu_si256((const void *)(column + half + j));
+                __m256i h0 = _mm256_srai_epi16(_mm256_add_epi16(lowc, _mm256_set1_epi16(128)), 8);
+                __m256i h1 = _mm256_srai_epi16(_mm256_add_epi16(highc, _mm256_set1_epi16(128)), 8);
+                __m256i l0 = _mm256_sub_epi16(lowc, _mm256_slli_epi16(h0, 8));
+                __m256i l1 = _mm256_sub_epi16(highc, _mm256_slli_epi16(h1, 8));
+                const int64_t at = g * half + j;
+                _mm_storeu_si128((void *)(hl + at), _mm256_cvtepi16_epi8(h0));
+                _mm_storeu_si128((void *)(hh + at), _mm256_cvtepi16_epi8(h1));
+                _mm_storeu_si128((void *)(ll + at), _mm256_cvtepi16_epi8(l0));
+                _mm_storeu_si128((void *)(lh + at), _mm256_cvtepi16_epi8(l1));
+            }
+        }
+    }
+}
+
+static inline __m512 bf16x16_to_f32(const uint16_t *p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+/* Rows n0..n1 of y for MM rows of x. Groups go 16 at a time: their scales (times each x row's
+ * sx) in one vector, from which vpermps hands every lane of a 64-byte piece its group's. */
+#define VNNI4_ROWS(MM)                                                                            \
+static void vnni4_rows_##MM(const int8_t *planes, const float *sx, const float *xg, int64_t K,   \
+                            int64_t G, const uint8_t *p, int64_t n0, int64_t n1, int64_t N,      \
+                            const uint16_t *scale, const uint16_t *zero, float *y) {             \
+    const int64_t groups = K / G, H = K / 2, per_piece = 128 / G; /* groups per 64 bytes */      \
+    const __m512i nib = _mm512_set1_epi8(15);                                                    \
+    const __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), \
+                                                 G == 32 ? 2 : G == 64 ? 3 : 4);                 \
+    for (int64_t n = n0; n < n1; n++) {                                                          \
+        const uint8_t *row = p + n * H;                                                          \
+        __m512 acc[MM]; /* lanes summed at the end: the offset terms go in too */                \
+        for (int m = 0; m < MM; m++) acc[m] = _mm512_setzero_ps();                               \
+        for (int64_t g0 = 0; g0 < groups; g0 += 16) {                                            \
+            const int64_t count = groups - g0 < 16 ? groups - g0 : 16;                           \
+            const __mmask16 mask = (__mmask16)((1u << count) - 1);                               \
+            const __m512 s = bf16x16_to_f32(scale + n * groups + g0, mask);                      \
+            __m512 c = _mm512_mul_ps(s, _mm512_set1_ps(-8.f));                                   \
+            if (zero) c = _mm512_add_ps(c, bf16x16_to_f32(zero + n * groups + g0, mask));        \
+            __m512 sm[MM];                                                                       \
+            for (int m = 0; m < MM; m++) {                                                       \
+                sm[m] = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, sx + m * groups + g0));     \
+                acc[m] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, xg + m * groups + g0), acc[m]); \
+            }                                                                                    \
+            const int64_t first = g0 * G / 2, last = (g0 + count) * G / 2;                       \
+            __m512i index = lane_group;                                                          \
+            for (int64_t at = first; at < last; at += 64) {                                      \
+                if (PREFETCH4) _mm_prefetch((const char *)(row + at + PREFETCH4), _MM_HINT_T0);  \
+                const __m512i b = _mm512_loadu_si512(row + at);                                  \
+                const __m512i lo = _mm512_and_si512(b, nib);                                     \
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);              \
+                for (int m = 0; m < MM; m++) {                                                   \
+                    const int8_t *xp = planes + m * 2 * K + at;                                  \
+                    __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp)); \
+                    __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp + 2 * H)); \
+                    h = _mm512_dpbusd_epi32(h, hi, _mm512_loadu_si512(xp + H));                  \
+                    l = _mm512_dpbusd_epi32(l, hi, _mm512_loadu_si512(xp + 3 * H));              \
+                    const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);            \
+                    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_permutexvar_ps(index, sm[m]), acc[m]); \
+                }                                                                                \
+                index = _mm512_add_epi32(index, _mm512_set1_epi32((int)per_piece));              \
+            }                                                                                    \
+        }                                                                                        \
+        for (int m = 0; m < MM; m++) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);                \
+    }                                                                                            \
+}
+VNNI4_ROWS(1) VNNI4_ROWS(2) VNNI4_ROWS(3) VNNI4_ROWS(4) VNNI4_ROWS(5) VNNI4_ROWS(6) VNNI4_ROWS(7) VNNI4_ROWS(8)
+
+typedef void (*vnni4_rows_fn)(const int8_t *, const float *, const float *, int64_t, int64_t, const uint8_t *,
+                              int64_t, int64_t, int64_t, const uint16_t *, const uint16_t *, float *);
+static const vnni4_rows_fn VNNI4_ROWS_FN[MAX_ROWS + 1] = {
+    0, vnni4_rows_1, vnni4_rows_2, vnni4_rows_3, vnni4_rows_4, vnni4_rows_5, vnni4_rows_6, vnni4_rows_7, vnni4_rows_8};
+
+/* One row of x, two weight rows at a time (see vnni8_pairs_1). */
+static void vnni4_pairs_1(const int8_t *planes, const float *sx, const float *xg, int64_t K, int64_t G,
+                          const uint8_t *p, int64_t n0, int64_t n1, int64_t N, const uint16_t *scale,
+                          const uint16_t *zero, float *y) {
+    const int64_t groups = K / G, H = K / 2, per_piece = 128 / G;
+    const __m512i nib = _mm512_set1_epi8(15);
+    const __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                 G == 32 ? 2 : G == 64 ? 3 : 4);
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) {
+        const uint8_t *r0 = p + n * H, *r1 = r0 + H;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+            const int64_t count = groups - g0 < 16 ? groups - g0 : 16;
+            const __mmask16 mask = (__mmask16)((1u << count) - 1);
+            const __m512 xs = _mm512_maskz_loadu_ps(mask, sx + g0), xsum = _mm512_maskz_loadu_ps(mask, xg + g0);
+            const __m512 s0 = bf16x16_to_f32(scale + n * groups + g0, mask);
+            const __m512 s1 = bf16x16_to_f32(scale + (n + 1) * groups + g0, mask);
+            __m512 c0 = _mm512_mul_ps(s0, _mm512_set1_ps(-8.f)), c1 = _mm512_mul_ps(s1, _mm512_set1_ps(-8.f));
+            if (zero) {
+                c0 = _mm512_add_ps(c0, bf16x16_to_f32(zero + n * groups + g0, mask));
+                c1 = _mm512_add_ps(c1, bf16x16_to_f32(zero + (n + 1) * groups + g0, mask));
+            }
+            a0 = _mm512_fmadd_ps(c0, xsum, a0);
+            a1 = _mm512_fmadd_ps(c1, xsum, a1);
+            const __m512 sm0 = _mm512_mul_ps(s0, xs), sm1 = _mm512_mul_ps(s1, xs);
+            const int64_t first = g0 * G / 2, last = (g0 + count) * G / 2;
+            __m512i index = lane_group;
+            for (int64_t at = first; at < last; at += 64) {
+                if (PREFETCH4) {
+                    _mm_prefetch((const char *)(r0 + at + PREFETCH4), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(r1 + at + PREFETCH4), _MM_HINT_T0);
+                }
+                const __m512i xhl = _mm512_loadu_si512(planes + at), xhh = _mm512_loadu_si512(planes + H + at);
+                const __m512i xll = _mm512_loadu_si512(planes + 2 * H + at), xlh = _mm512_loadu_si512(planes + 3 * H + at);
+                const __m512i b0 = _mm512_loadu_si512(r0 + at), b1 = _mm512_loadu_si512(r1 + at);
+                const __m512i lo0 = _mm512_and_si512(b0, nib), hi0 = _mm512_and_si512(_mm512_srli_epi16(b0, 4), nib);
+                const __m512i lo1 = _mm512_and_si512(b1, nib), hi1 = _mm512_and_si512(_mm512_srli_epi16(b1, 4), nib);
+                __m512i h0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo0, xhl);
+                __m512i l0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo0, xll);
+                __m512i h1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo1, xhl);
+                __m512i l1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo1, xll);
+                h0 = _mm512_dpbusd_epi32(h0, hi0, xhh);
+                l0 = _mm512_dpbusd_epi32(l0, hi0, xlh);
+                h1 = _mm512_dpbusd_epi32(h1, hi1, xhh);
+                l1 = _mm512_dpbusd_epi32(l1, hi1, xlh);
+                const __m512i sum0 = _mm512_add_epi32(_mm512_slli_epi32(h0, 8), l0);
+                const __m512i sum1 = _mm512_add_epi32(_mm512_slli_epi32(h1, 8), l1);
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum0), _mm512_permutexvar_ps(index, sm0), a0);
+                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum1), _mm512_permutexvar_ps(index, sm1), a1);
+                index = _mm512_add_epi32(index, _mm512_set1_epi32((int)per_piece));
+            }
+        }
+        y[n] = _mm512_reduce_add_ps(a0);
+        y[n + 1] = _mm512_reduce_add_ps(a1);
+    }
+    if (n < n1) vnni4_rows_1(planes, sx, xg, K, G, p, n, n1, N, scale, zero, y);
+}
+
+static int qmm_int4_vnni(const float *x, int64_t M, int64_t K, int64_t G, const uint8_t *packed, int64_t N,
+                         const uint16_t *scale, const uint16_t *zero, float *y, int threads) {
+    const int64_t groups = K / G;
+    int8_t *planes = aligned_alloc(64, ((2 * M * K + 63) / 64) * 64);
+    float *sx = malloc(sizeof(float) * 2 * M * groups);
+    if (!planes || !sx) { free(planes); free(sx); return 2; }
+    float *xg = sx + M * groups;
+    split_x4(x, M, K, G, planes, sx, xg);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += ROW_BLOCK) {
+        int64_t n1 = n0 + ROW_BLOCK < N ? n0 + ROW_BLOCK : N;
+        if (M == 1 && K >= PAIRS_MIN_K)
+            vnni4_pairs_1(planes, sx, xg, K, G, packed, n0, n1, N, scale, zero, y);
+        else
+            VNNI4_ROWS_FN[M](planes, sx, xg, K, G, packed, n0, n1, N, scale, zero, y);
+    }
+    free(planes); free(sx);
+    return 0;
+}
+#else
+#define HAVE_VNNI 0
+#endif
+
+/* Which kernels this build has, as bits: 1 the AVX-512 VNNI paths (int8 and int4), 2 the
+ * AVX-512 BF16 int4 path (cpu.py reports them and chooses per call). */
+int qmm_paths(void) { return (HAVE_VNNI ? 1 : 0) | (HAVE_INT4_BF16 ? 2 : 0); }
+
+/* ------------------------------------------------------------------------------- entry points
+ * `path` (chosen by cpu.py, which knows what was measured where): PATH_PORTABLE the fp32 code
+ * above (int4: the table), PATH_VNNI, PATH_BF16 (int4 only). Status: 0 done, 1 bad shape,
+ * 2 out of memory, 3 that path is not in this build or not for these shapes. */
+enum { PATH_PORTABLE = 0, PATH_VNNI = 1, PATH_BF16 = 2 };
+
+/* 1 when `path` takes these shapes in this build */
+int qmm_takes(int bits, int path, int64_t K, int64_t G) {
+    if (path == PATH_PORTABLE) return 1;
+    if (path == PATH_VNNI) return HAVE_VNNI && (bits == 8 ? K % 128 == 0 : K % 128 == 0 && G <= 128);
+    if (path == PATH_BF16) return HAVE_INT4_BF16 && bits == 4;
+    return 0;
+}
+
+/* x fp32 [M, K] (M <= 8), q int8 [N, K], scale/zero fp32 [N] (zero may be NULL) -> y fp32 [M, N] */
+int qmm_int8(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const float *scale,
+             const float *zero, float *y, int threads, int path) {
+    if (M < 1 || M > MAX_ROWS) return 1;
+    if (!qmm_takes(8, path, K, K)) return 3;
+#if HAVE_VNNI
+    if (path == PATH_VNNI) return qmm_int8_vnni(x, M, K, q, N, scale, zero, y, threads);
+#endif
+    return qmm_int8_fp32(x, M, K, q, N, scale, zero, y, threads);
+}
 
 /* x fp32 [M, K] (M <= 8), packed uint8 [N, K/2], scale/zero bf16 [N, K/G] (zero may be NULL),
  * G a multiple of 32 dividing K -> y fp32 [M, N] */
 int qmm_int4(const float *x, int64_t M, int64_t K, int64_t G, const uint8_t *packed, int64_t N,
-             const uint16_t *scale, const uint16_t *zero, float *y, int threads) {
+             const uint16_t *scale, const uint16_t *zero, float *y, int threads, int path) {
     if (M < 1 || M > MAX_ROWS || G % 32 || K % G) return 1;
+    if (!qmm_takes(4, path, K, G)) return 3;
+#if HAVE_VNNI
+    if (path == PATH_VNNI) return qmm_int4_vnni(x, M, K, G, packed, N, scale, zero, y, threads);
+#endif
 #if HAVE_INT4_BF16
-    /* Measured (benchmarks/quantize.py ops, Xeon, 2 threads): vdpbf16ps is no cheaper here than
-     * the table path's lookups + FMAs, so two passes (fp32 x) lose to the table (2.35 vs 2.14 ms
-     * on 14336x4096 g64), and with 8 rows even one pass loses (11.7 vs 7.1 ms); one pass at one
-     * row wins (bf16 x: 1.76 ms, 18.8 GB/s). So: one row of bf16-exact x, groups of >= 64. */
-    if (!getenv("IDEFICS2_MINI_QMM_INT4_TABLE")) { /* set: the portable table path (comparisons) */
-        int bf16_exact = 1;
-        for (int64_t i = 0; i < M * K && bf16_exact; i++) {
-            uint32_t u; memcpy(&u, x + i, 4);
-            bf16_exact = (u & 0xFFFFu) == 0;
-        }
-        if (bf16_exact && M == 1 && G >= 64)
-            return qmm_int4_bf16(x, M, K, G, packed, N, scale, zero, y, threads);
-    }
+    if (path == PATH_BF16) return qmm_int4_bf16(x, M, K, G, packed, N, scale, zero, y, threads);
 #endif
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += ROW_BLOCK) {
