@@ -12,8 +12,9 @@ MAX_ROWS rows of x, each weight row read once for all of them, by one of three p
                 the weights stay integers, x is rounded to 16-bit integers per block of columns
                 (per group for int4; error 2^-16 of the block's largest |x|), and vpdpwssd /
                 vpdpbusd multiply 32 / 64 pairs per instruction. The default where it exists:
-                on 2 AMD EPYC (Zen 4) cores it streams int8 at 21-27 GB/s and int4 at 25-30
-                where the fp32-converting paths below reached 15 and 11 (the memory: ~29).
+                on 2 AMD EPYC (Zen 4) cores, one row of x, it streams int8 at 33-36 GB/s and
+                int4 (g64) at 22-27 where the paths below reached 15-29 and 11-15 (rows of
+                14336 columns: ~20 and ~17; the memory: 28-35 GB/s by torch.sum).
     "bf16"      int4 on AVX-512 BF16: nibbles as bf16 numbers against x split into two bf16
                 halves; measured faster than the table only for one row of bf16 x (Xeon).
     "portable"  GCC/Clang vector extensions, any CPU: int8 widened to fp32, int4 through a
@@ -24,28 +25,22 @@ More rows (prefill) dequantize a block of weight rows at a time and run the floa
 
 IDEFICS2_MINI_QMM_PATH=vnni|bf16|portable forces a path where it applies (benchmarks, tests).
 
-Building: `cc -O3 -march=native -fopenmp -shared -fPIC` into the user cache
-($IDEFICS2_MINI_CACHE, else $XDG_CACHE_HOME/idefics2_mini, else ~/.cache/idefics2_mini), named by
-a hash of the source, the flags and the CPU model, so it happens once per machine (< 1 s).
-Without a working C compiler (or with IDEFICS2_MINI_QUANT_CPU=reference) every call takes the
-dequantize-and-matmul path instead: same results, slower decode. The OpenMP runtime is the one
+Building: once per machine by the system C compiler (`backends/native.py`, which also builds
+the bf16 kernel, backends/gemv.c). Without a working C compiler (or with
+IDEFICS2_MINI_QUANT_CPU=reference) every call takes the dequantize-and-matmul path instead: same results, slower decode. The OpenMP runtime is the one
 torch already loaded (same soname), so the kernel shares torch's threads.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..backends import cpu as cpu_backend
+from ..backends.native import NativeLibrary
 from kernels.dequant_matmul import dequantize_reference
 
 SOURCE = Path(__file__).with_name("qmatmul.c")
@@ -55,92 +50,27 @@ MAX_ROWS = 8  # rows of x the C kernel takes in one call (each weight row read o
 X16_MAX = 32639
 VNNI_INT8_BLOCK = 128
 CPU_ENV = "IDEFICS2_MINI_QUANT_CPU"  # "auto" (default) or "reference"
-FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3", "-march=native"],  # e.g. Apple clang: no OpenMP -> one thread
-    ["-O3"],
-)
 # Rows of the weight dequantized at once on the dequantize-and-matmul path: 4 MiB of fp32 at
 # K = 4096, so the temporary never costs memory worth mentioning.
 DEQUANT_BLOCK_ELEMENTS = 2**20
 
-_library: ctypes.CDLL | None = None
-_build_error: str | None = None
+
+def _declare(lib: ctypes.CDLL) -> None:
+    pointer, int64, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.qmm_int8.argtypes = [pointer, int64, int64, pointer, int64, pointer, pointer, pointer, integer, integer]
+    lib.qmm_int4.argtypes = [pointer, int64, int64, int64, pointer, int64, pointer, pointer, pointer, integer,
+                             integer]
+    lib.qmm_takes.argtypes = [integer, integer, int64, int64]
+    lib.qmm_int8.restype = lib.qmm_int4.restype = lib.qmm_takes.restype = lib.qmm_paths.restype = integer
 
 
-def cache_dir() -> Path:
-    if os.environ.get("IDEFICS2_MINI_CACHE"):
-        return Path(os.environ["IDEFICS2_MINI_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "idefics2_mini"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "flags")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
-    """Compile SOURCE into `target` (atomically); None on success, else the compiler's message."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        partial = Path(work) / target.name
-        command = [compiler, *flags, "-shared", "-fPIC", "-o", str(partial), str(SOURCE)]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            return f"{' '.join(command)}: {err}"
-        if result.returncode != 0:
-            return f"{' '.join(command)}: {result.stderr.strip()[-500:]}"
-        os.replace(partial, target)
-    return None
+LIBRARY = NativeLibrary(SOURCE, _declare, switch_env=CPU_ENV)  # built by backends/native.py
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel (built on first use), or None when it cannot be built or is switched
     off; `build_error()` then says why."""
-    global _library, _build_error  # noqa: PLW0603
-    if os.environ.get(CPU_ENV, "auto").strip().lower() == "reference":
-        return None
-    if _library is not None or _build_error is not None:
-        return _library
-    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
-    if compiler is None:
-        _build_error = "no C compiler found (set CC, or install gcc or clang)"
-        return None
-    errors = []
-    source = SOURCE.read_bytes()
-    for flags in FLAG_SETS:
-        key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_model()]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"qmatmul-{key}.so"
-        if not target.is_file():
-            error = _compile(compiler, flags, target)
-            if error is not None:
-                errors.append(error)
-                continue
-        try:
-            lib = ctypes.CDLL(str(target))
-        except OSError as err:
-            errors.append(f"{target}: {err}")
-            continue
-        pointer, int64 = ctypes.c_void_p, ctypes.c_int64
-        integer = ctypes.c_int
-        lib.qmm_int8.argtypes = [pointer, int64, int64, pointer, int64, pointer, pointer, pointer, integer, integer]
-        lib.qmm_int4.argtypes = [pointer, int64, int64, int64, pointer, int64, pointer, pointer, pointer, integer,
-                                 integer]
-        lib.qmm_takes.argtypes = [integer, integer, int64, int64]
-        lib.qmm_int8.restype = lib.qmm_int4.restype = lib.qmm_takes.restype = lib.qmm_paths.restype = integer
-        _library = lib
-        return lib
-    _build_error = "; ".join(errors)
-    return None
+    return LIBRARY.get()
 
 
 PATHS = {"portable": 0, "vnni": 1, "bf16": 2}  # qmatmul.c's PATH_* numbers
@@ -197,7 +127,7 @@ def int4_path(rows: int = 1, k: int = 4096, group_size: int = 64, dtype: torch.d
 
 def build_error() -> str | None:
     library()
-    return _build_error
+    return LIBRARY.error
 
 
 def available() -> bool:
