@@ -124,7 +124,7 @@ def test_int4_packing_round_trip():
 
 
 def rounded_x(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x [M, K] fp32 as the "vnni" path of qmatmul.c multiplies it: per block of `block` columns,
+    """x [M, K] fp32 as the integer paths of qmatmul.c ("vnni", "avx2") multiply it: per block of `block` columns,
     x16 = round-half-even(x * (X16_MAX / max|x|)) in fp32 as the C code computes it, and
     x~ = x16 * (max|x| / X16_MAX)."""
     rows, k = x.shape
@@ -143,7 +143,7 @@ def rounded_x_step(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def x_block(bits: int, group: int) -> int:
-    """Columns per 16-bit scale of x on the "vnni" path."""
+    """Columns per 16-bit scale of x on the integer paths ("vnni", "avx2")."""
     return cpu.VNNI_INT8_BLOCK if bits == 8 else group
 
 
@@ -154,11 +154,11 @@ def test_cpu_paths_equal_the_reference(spec, dtype, monkeypatch):
     linear = nn.Linear(256, 40, bias=True)
     layer = QuantizedLinear.from_linear(linear.requires_grad_(False).to(dtype), spec)
     args = (layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size)
-    # fp32: the reference's own rounding, and on the "vnni" path x on a 16-bit grid (2^-16 of
+    # fp32: the reference's own rounding, and on the integer paths x on a 16-bit grid (2^-16 of
     # a block's largest |x|: well within 1e-4 of the largest output; test_c_kernel_paths checks
-    # that path exactly)
-    vnni = cpu.kernel_path(spec.bits, 1, 256, layer.group_size, dtype) == "vnni"
-    tolerance = (1e-4 if vnni else 1e-5) if dtype == torch.float32 else 1e-2
+    # those paths exactly)
+    integer = cpu.kernel_path(spec.bits, 1, 256, layer.group_size, dtype) in cpu.INTEGER_PATHS
+    tolerance = (1e-4 if integer else 1e-5) if dtype == torch.float32 else 1e-2
     for rows in (1, 3, 8, 9, 40):  # up to 8: the C kernel; beyond: dequantize and matmul
         x = torch.randn(rows, 256).to(dtype)
         expected = quantized_matmul_reference(x, *args, layer.bias)
@@ -170,8 +170,8 @@ def test_cpu_paths_equal_the_reference(spec, dtype, monkeypatch):
 
 
 def test_c_kernel_odd_widths_and_blocks(monkeypatch):
-    """int8 rows whose width is no multiple of 16 (the kernel's scalar tail; the "vnni" path
-    needs whole blocks of 128 columns, so the portable path runs); the prefill path's weight
+    """int8 rows whose width is no multiple of 16 (the kernel's scalar tail; the integer paths
+    need whole blocks of 128 columns, so the portable path runs); the prefill path's weight
     blocks smaller than the weight."""
     layer = QuantizedLinear.from_linear(nn.Linear(100, 37, bias=False).requires_grad_(False), QuantSpec(8))
     x = torch.randn(2, 100)
@@ -193,8 +193,8 @@ def test_c_kernel_paths(bits, group, symmetric, k):
     time, a partial block), 4096 and 8320 (one row of x: weight rows two at a time, 97 rows: one
     left over), every row count, fp32 and bf16 x, channels of very
     different sizes. "portable" and "bf16" (x split into two bf16 halves: 2^-16 relative) are
-    fp32-accurate; "vnni" multiplies x~ (x on a 16-bit grid per block: `rounded_x`) and must
-    give W x~ to fp32 accuracy, x~ within half a grid step of x."""
+    fp32-accurate; "vnni" and "avx2" multiply x~ (x on a 16-bit grid per block: `rounded_x`) and
+    must give W x~ to fp32 accuracy, x~ within half a grid step of x."""
     g = torch.Generator().manual_seed(3)
     n = 97
     linear = nn.Linear(k, n, bias=False).requires_grad_(False)
@@ -213,7 +213,7 @@ def test_c_kernel_paths(bits, group, symmetric, k):
                     continue
                 out = cpu.kernel_matmul(x.to(dtype), layer.qweight, layer.scales, layer.zeros, bits,
                                         layer.group_size, path).double()
-                multiplied = rounded_x(xd, block) if path == "vnni" else xd
+                multiplied = rounded_x(xd, block) if path in cpu.INTEGER_PATHS else xd
                 # half a step, give or take fp32 rounding of x * (X16_MAX / max) and of the step
                 # (each 2^-24 relative, of numbers up to X16_MAX steps)
                 assert ((multiplied - xd).abs() <= rounded_x_step(xd, block) * 0.51).all()
@@ -221,9 +221,9 @@ def test_c_kernel_paths(bits, group, symmetric, k):
                 tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the result's own rounding
                 error = ((out - exact).abs().max() / exact.abs().max()).item()
                 assert error <= tolerance, (path, rows, dtype, error)
-    if "vnni" in cpu.paths():  # what "vnni" trades: against x itself it is off, by little
+    for path in set(cpu.paths()) & set(cpu.INTEGER_PATHS):  # what they trade: against x itself off, by little
         x = torch.randn(1, k, generator=g)
-        out = cpu.kernel_matmul(x, layer.qweight, layer.scales, layer.zeros, bits, layer.group_size, "vnni").double()
+        out = cpu.kernel_matmul(x, layer.qweight, layer.scales, layer.zeros, bits, layer.group_size, path).double()
         exact = x.double() @ weight.t()
         assert 0 < ((out - exact).abs().max() / exact.abs().max()).item() < 1e-4
 
@@ -241,12 +241,12 @@ def test_kernel_path_choice(monkeypatch):
         assert (layer(x) - expected).abs().max() <= 1e-5 * expected.abs().max()  # the exact fp32 path ran
     monkeypatch.setenv(cpu.PATH_ENV, "bf16")
     assert cpu.kernel_path(8, 1, 4096, 4096, torch.float32) == cpu.paths()[0]
-    if "vnni" in cpu.paths():
-        monkeypatch.setenv(cpu.PATH_ENV, "vnni")
+    for path in set(cpu.paths()) & set(cpu.INTEGER_PATHS):
+        monkeypatch.setenv(cpu.PATH_ENV, path)
         assert cpu.kernel_path(8, 1, 100, 100, torch.float32) == "portable"
         with pytest.raises(RuntimeError, match="refused"):
             cpu.kernel_matmul(torch.randn(1, 100), torch.zeros(4, 100, dtype=torch.int8), torch.ones(4, 1), None, 8,
-                              100, "vnni")
+                              100, path)
 
 
 def test_c_kernel_built_and_switchable(monkeypatch):

@@ -5,7 +5,7 @@ rather than bandwidth-bound (`_weight_int4pack_mm_for_cpu` reads its int4 weight
 where the memory gives ~20, `_weight_int8pack_mm` at ~12 GB/s, and both take ~10x longer
 still with fp32 activations); benchmarks/quantize.py times them beside this kernel. The kernel
 streams the stored bytes as they are (the format of kernels/dequant_matmul.py) for up to
-MAX_ROWS rows of x, each weight row read once for all of them, by one of three paths
+MAX_ROWS rows of x, each weight row read once for all of them, by one of four paths
 (qmatmul.c explains each; `kernel_path` below picks one per call):
 
     "vnni"      CPUs with AVX-512 VNNI (Intel Ice Lake / Sapphire Rapids and later, AMD Zen 4):
@@ -15,6 +15,12 @@ MAX_ROWS rows of x, each weight row read once for all of them, by one of three p
                 on 2 AMD EPYC (Zen 4) cores, one row of x, it streams int8 at 33-36 GB/s and
                 int4 (g64) at 22-27 where the paths below reached 15-29 and 11-15 (rows of
                 14336 columns: ~20 and ~17; the memory: 28-35 GB/s by torch.sum).
+    "avx2"      CPUs with AVX2 but no AVX-512 (AMD Zen 2/3, Intel client cores, most laptops):
+                "vnni"'s math (the same 16-bit grid of x) with vpmaddwd on 256-bit vectors.
+                On 2 AMD EPYC (Zen 3) cores, one row of x, weights from memory: int8 12-18
+                GB/s, int4 (g64) 11-15, where "portable" gave 1.4-2.9 and 0.5-1.1 (GCC cannot
+                vectorise the 16-entry table lookup without AVX-512); the memory: 13-19 GB/s
+                by torch.sum.
     "bf16"      int4 on AVX-512 BF16: nibbles as bf16 numbers against x split into two bf16
                 halves; measured faster than the table only for one row of bf16 x (Xeon).
     "portable"  GCC/Clang vector extensions, any CPU: int8 widened to fp32, int4 through a
@@ -23,7 +29,7 @@ MAX_ROWS rows of x, each weight row read once for all of them, by one of three p
 More rows (prefill) dequantize a block of weight rows at a time and run the float matmul
 (`dequantized_linear`), which is compute-bound there anyway.
 
-IDEFICS2_MINI_QMM_PATH=vnni|bf16|portable forces a path where it applies (benchmarks, tests).
+IDEFICS2_MINI_QMM_PATH=vnni|avx2|bf16|portable forces a path where it applies (benchmarks, tests).
 
 Building: once per machine by the system C compiler (`backends/native.py`, which also builds
 the bf16 kernel, backends/gemv.c). Without a working C compiler (or with
@@ -73,27 +79,30 @@ def library() -> ctypes.CDLL | None:
     return LIBRARY.get()
 
 
-PATHS = {"portable": 0, "vnni": 1, "bf16": 2}  # qmatmul.c's PATH_* numbers
+PATHS = {"portable": 0, "vnni": 1, "bf16": 2, "avx2": 3}  # qmatmul.c's PATH_* numbers
+# The paths that multiply x on the 16-bit grid (x~, X16_MAX above) rather than x itself.
+INTEGER_PATHS = ("vnni", "avx2")
 PATH_ENV = "IDEFICS2_MINI_QMM_PATH"
 
 
 def paths() -> list[str]:
-    """The kernel paths this build has ("vnni", "bf16", "portable"; none without a build)."""
+    """The kernel paths this build has, the preferred first ("vnni", "avx2", "bf16", "portable";
+    none without a build)."""
     lib = library()
     if lib is None:
         return []
     built = lib.qmm_paths()
-    return [name for name, bit in (("vnni", 1), ("bf16", 2)) if built & bit] + ["portable"]
+    return [name for name, bit in (("vnni", 1), ("avx2", 4), ("bf16", 2)) if built & bit] + ["portable"]
 
 
 def kernel_path(bits: int, rows: int, k: int, group_size: int, dtype: torch.dtype) -> str:
     """The path qmatmul.c takes for one call ("unavailable" without a build; this is where the
     per-machine choice lives):
     IDEFICS2_MINI_QMM_PATH if set and it takes the shapes; else "vnni" where built (measured
-    fastest on AMD EPYC Zen 4 for int8 and int4, every row count up to MAX_ROWS); else, for
-    int4, "bf16" for one row of bf16 x with groups >= 64 (the one case measured faster than the
-    table on the Xeon, before the "vnni" path existed; "vnni" has not been timed there); else
-    "portable"."""
+    fastest on AMD EPYC Zen 4 for int8 and int4, every row count up to MAX_ROWS); else "avx2"
+    where built (CPUs without AVX-512; measured on AMD EPYC Zen 3); else, for int4, "bf16" for
+    one row of bf16 x with groups >= 64 (the one case measured faster than the table on the
+    Xeon, before the "vnni" path existed; "vnni" has not been timed there); else "portable"."""
     lib = library()
     if lib is None:
         return "unavailable"
@@ -114,6 +123,8 @@ def _choose(lib, bits: int, rows: int, k: int, group_size: int, dtype: torch.dty
         return forced
     if lib.qmm_takes(bits, PATHS["vnni"], k, group_size):
         return "vnni"
+    if lib.qmm_takes(bits, PATHS["avx2"], k, group_size):
+        return "avx2"
     if (bits == 4 and rows == 1 and dtype == torch.bfloat16 and group_size >= 64
             and lib.qmm_takes(4, PATHS["bf16"], k, group_size)):
         return "bf16"
