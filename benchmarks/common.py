@@ -24,15 +24,24 @@ import torch
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo ("AMD EPYC", "Intel(R) Xeon(R) ..."), else platform's guess."""
+    """The CPU model from /proc/cpuinfo ("AMD EPYC", "Intel(R) Xeon(R) ..."), else platform's guess.
+
+    Some VMs report only the family ("AMD EPYC") for generations as different as Zen 3 (AVX2)
+    and Zen 4 (AVX-512): a bare "AMD EPYC" without AVX-512 is named "AMD EPYC (AVX2)", so the
+    two keep separate results folders (amd-epyc, amd-epyc-avx2)."""
+    name, flags = None, ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if line.startswith("model name") and name is None:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1]
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "cpu"
+    if name == "AMD EPYC" and "avx512f" not in flags.split():
+        return "AMD EPYC (AVX2)"
+    return name or platform.processor() or platform.machine() or "cpu"
 
 
 def usable_cores() -> int:
