@@ -1,8 +1,9 @@
 """Weight-only int8 / int4 against fp32 and bf16 (and the reference, transformers, fp32): decode
-speed, load, memory, and accuracy, on an 8B-wide checkpoint with realistic weight statistics.
+speed, load, memory, and accuracy, on an 8B-wide checkpoint with realistic weight statistics,
+and accuracy on a small trained language model.
 
-    python -m benchmarks.quantize                    # ops + decode + accuracy, ~15 min on 2 CPU cores
-    python -m benchmarks.quantize --parts ops        # one part: ops, decode, accuracy
+    python -m benchmarks.quantize                    # ops + decode + accuracy + trained, ~20 min on 2 CPU cores
+    python -m benchmarks.quantize --parts ops        # one part: ops, decode, accuracy, trained
     python -m benchmarks.quantize --quick            # smoke run on a tiny checkpoint (the tests)
 
 The checkpoint (built once under weights/bench/, git-ignored): the real Idefics2-8B widths
@@ -60,7 +61,17 @@ Parts (each variant in its own fresh process, page cache warm):
             loading the fp32 files, int8/int4 loaded from quantized checkpoints, the reference fp32.
   accuracy  the quantized models against ours fp32, same inputs: each quantized linear's output error
             on its own input (relative Frobenius), teacher-forced top-1 agreement and mean NLL on a
-            ~200-token text, and greedy continuations (16 tokens) of 12 held prompts.
+            ~200-token text, and greedy continuations (24 tokens) of 16 held prompts; a control (fp32
+            with Gaussian noise as large as int8's per-layer error). This random network is far more
+            sensitive than a trained LM (int8 KL ~0.1 nats/token here, ~0.001 for trained 7B LMs), so its
+            greedy figures say more about the network than about the quantizer: hence
+  trained   the same measurements (accuracy_against_fp32) on a small LM trained from random init on
+            English text this machine has (benchmarks/trained_lm.py: 256 wide, 4 layers, the standard
+            library's docstrings; trained once, ~minutes, saved under weights/bench/trained-lm, rebuilt
+            when its BUILT marker differs): held-out text teacher-forced (top-1 agreement, KL, NLL
+            difference), greedy continuations (32 tokens) of 24 held-out document openings, the fp32
+            model's confidence, per-layer errors against the uniform-rounding prediction, the noise
+            control; the loss curve as quantize-trained-loss.png beside the report.
 
 Results: benchmarks/results/<machine>/quantize.md (+ .json). Other engineers' tests may share the
 CPU while it runs: each decode process records the other processes' CPU use (0% = quiet).
@@ -498,45 +509,73 @@ def run_decode(args, path: Path, inputs: Path, bandwidths: list[float]) -> dict:
     return results
 
 
-def run_accuracy(path: Path, quick: bool) -> dict:
-    """Quantized models against ours fp32 (module docstring)."""
-    import idefics2_mini as im  # noqa: PLC0415
-    from idefics2_mini.processor import Idefics2Processor  # noqa: PLC0415
-    from idefics2_mini.quantize import QuantizedLinear, QuantSpec, quantized_linear_names  # noqa: PLC0415
+GREEDY_CHUNK = 8  # prompts per generate call: <= 8 rows, so quantized decode steps run through qmatmul.c
 
-    processor = Idefics2Processor.from_pretrained(None)
-    text_ids = processor(text=TEXT)["input_ids"]
-    held = processor(text=HELD_PROMPTS[:4] if quick else HELD_PROMPTS)
+
+def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: int, specs: list, control: bool,
+                          log=print) -> dict:
+    """The quantized models of `specs` ([(name, QuantSpec)], each loaded from the fp32 checkpoint
+    at `path`, quantized while loading) against that fp32 model, same inputs; shared by the
+    `accuracy` (wide random checkpoint) and `trained` (trained small LM) parts.
+
+    text_ids [B, T]: teacher-forced text (every position of every row counts); held: prompts
+    (input_ids, attention_mask; left-padded), continued greedily by `new` tokens, GREEDY_CHUNK
+    prompts per call. Per variant: top-1 agreement, NLL and its difference, KL(fp32 || quantized)
+    per token; greedy: prompts whose tokens all equal fp32's, whose first token does, share of
+    equal tokens; per layer kind: the output error on the layer's own input (relative Frobenius
+    of y - x W_fp32^T), the weight error ||W_deq - W|| / ||W||, what uniform rounding predicts
+    for it (sqrt(sum_groups s^2 G / 12) / ||W||: every weight off by U(-s/2, s/2)), and the
+    kernel's decode-sized output (the first <= 8 rows through QuantizedLinear.forward) against
+    x W_deq^T. `control`: the fp32 model with Gaussian noise as large as int8's output error."""
+    import idefics2_mini as im  # noqa: PLC0415
+    from idefics2_mini.quantize import QuantizedLinear, quantized_linear_names  # noqa: PLC0415
+
     reference = im.Idefics2.from_pretrained(path)
-    new = 4 if quick else 24
     prompt_len = held["input_ids"].shape[1]
+
+    def greedy_of(model) -> torch.Tensor:
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, held["input_ids"].shape[0], GREEDY_CHUNK):
+                part = {k: v[start : start + GREEDY_CHUNK] for k, v in held.items()}
+                chunks.append(model.generate(**part, max_new_tokens=new, do_sample=False, eos_token_id=[]))
+        return torch.cat(chunks)
+
     with torch.no_grad():
-        ref_logits = reference(text_ids)[0].float()
-        ref_greedy = reference.generate(**held, max_new_tokens=new, do_sample=False, eos_token_id=[])
+        ref_logits = reference(text_ids).float()
+        ref_greedy = greedy_of(reference)
         # the fp32 model's confidence where it chose its greedy tokens (the positions greedy compares)
         mask = torch.cat([held["attention_mask"], torch.ones(ref_greedy.shape[0], new, dtype=held["attention_mask"].dtype)], 1)
-        greedy_logits = reference(input_ids=ref_greedy, attention_mask=mask)[0][:, prompt_len - 1 : -1].float()
-    targets = text_ids[0, 1:]
-    ref_nll = torch.nn.functional.cross_entropy(ref_logits[:-1], targets).item()
+        greedy_logits = reference(input_ids=ref_greedy, attention_mask=mask)[:, prompt_len - 1 : -1].float()
+    targets = text_ids[:, 1:].flatten()
+    ref_logits = ref_logits.flatten(0, 1)  # [B T, V]
+    last = torch.arange(ref_logits.shape[0]) % text_ids.shape[1] != text_ids.shape[1] - 1  # rows with a target
+    ref_nll = torch.nn.functional.cross_entropy(ref_logits[last], targets).item()
     ref_top = ref_logits.topk(2, dim=-1).values
     greedy_top = greedy_logits.softmax(-1).max(-1).values.flatten()
     quartiles = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
-    results = {"text_tokens": int(text_ids.shape[1]), "held_prompts": int(held["input_ids"].shape[0]),
+    results = {"text_tokens": int(text_ids.numel()), "text_rows": int(text_ids.shape[0]),
+               "held_prompts": int(held["input_ids"].shape[0]), "prompt_tokens": int(prompt_len),
                "new_tokens": new, "nll_fp32": ref_nll,
                "fp32_top1_margin_median": (ref_top[:, 0] - ref_top[:, 1]).median().item(),
                "fp32_logit_std": ref_logits.std().item(),
                "fp32_top1_prob_text_quantiles": ref_logits.softmax(-1).max(-1).values.quantile(quartiles).tolist(),
                "fp32_top1_prob_greedy_quantiles": greedy_top.quantile(quartiles).tolist(),
+               "fp32_text_top1_accuracy": (ref_logits[last].argmax(-1) == targets).float().mean().item(),
+               # how repetitive fp32's own greedy text is (a weak model loops: then greedy agreement is easy)
+               "fp32_greedy_distinct_tokens_mean": statistics.mean(
+                   len(set(row.tolist())) for row in ref_greedy[:, prompt_len:]),
                "variants": {}}
-    print(f"  fp32 top-1 probability at the greedy steps (10/25/50/75/90%): "
-          f"{', '.join(f'{q:.2f}' for q in results['fp32_top1_prob_greedy_quantiles'])}", flush=True)
+    log(f"  fp32: NLL {ref_nll:.4f}; top-1 probability at the greedy steps (10/25/50/75/90%): "
+        f"{', '.join(f'{q:.2f}' for q in results['fp32_top1_prob_greedy_quantiles'])}")
+
     def compare(model, logits) -> dict:
         """Teacher-forced logits and greedy continuations of `model` against fp32's."""
-        with torch.no_grad():
-            greedy = model.generate(**held, max_new_tokens=new, do_sample=False, eos_token_id=[])
+        greedy = greedy_of(model)
         mine, theirs = greedy[:, prompt_len:], ref_greedy[:, prompt_len:]
         same_prefix = [int((a != b).nonzero()[0, 0]) if (a != b).any() else new for a, b in zip(mine, theirs)]
-        nll = torch.nn.functional.cross_entropy(logits[:-1], targets).item()
+        logits = logits.flatten(0, 1)
+        nll = torch.nn.functional.cross_entropy(logits[last], targets).item()
         kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True,
                                         reduction="batchmean").item()
         v = dict(top1_agreement=(logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
@@ -544,55 +583,141 @@ def run_accuracy(path: Path, quick: bool) -> dict:
                  greedy_identical=sum(p == new for p in same_prefix), greedy_first_token=sum(p > 0 for p in same_prefix),
                  greedy_tokens_agreeing=(mine == theirs).float().mean().item(), greedy_prefix=same_prefix,
                  logits_rel_err=((logits - ref_logits).abs().max() / ref_logits.abs().max()).item())
-        print(f"  top-1 {100 * v['top1_agreement']:.1f}%, NLL {nll:.4f} ({v['nll_diff']:+.4f}), greedy identical "
-              f"{v['greedy_identical']}/{len(same_prefix)}, first token {v['greedy_first_token']}/{len(same_prefix)}, "
-              f"tokens {100 * v['greedy_tokens_agreeing']:.0f}%", flush=True)
+        log(f"  top-1 {100 * v['top1_agreement']:.1f}%, KL {kl:.4f}, NLL {nll:.4f} ({v['nll_diff']:+.4f}), greedy "
+            f"identical {v['greedy_identical']}/{len(same_prefix)}, first token {v['greedy_first_token']}/"
+            f"{len(same_prefix)}, tokens {100 * v['greedy_tokens_agreeing']:.0f}%")
         return v
 
-    specs = [("int8", QuantSpec(8)), ("int4 g128", QuantSpec(4, 128)), ("int4 g64", QuantSpec(4, 64)),
-             ("int4 g32", QuantSpec(4, 32)), ("int4 g64 symmetric", QuantSpec(4, 64, symmetric=True))]
-    for name, spec in specs[::3] if quick else specs:  # the tiny model's widths fit groups of 32 only
-        print(f"  {name}:", flush=True)
+    def kind_of(layer_name: str) -> str:
+        last_part = layer_name.split(".")[-1]
+        return last_part if layer_name.startswith("text.") or layer_name == "lm_head" else "connector." + last_part
+
+    for name, spec in specs:
+        log(f"  {name}:")
         model = im.Idefics2.from_pretrained(path, quantize=spec)
         errors: dict[str, list[float]] = {}
+        weight_errors: dict[str, list[tuple[float, float]]] = {}
+        kernel_errors: list[float] = []
         hooks = []
         for layer_name, layer in model.named_modules():
-            if isinstance(layer, QuantizedLinear):
-                float_weight = reference.get_submodule(layer_name).weight
+            if not isinstance(layer, QuantizedLinear):
+                continue
+            float_weight = reference.get_submodule(layer_name).weight.float()
+            dequantized = layer.dequantized_weight(torch.float32)
+            scales = layer.scales.float()
+            predicted = (scales.square().sum() * layer.group_size / 12).sqrt() / float_weight.norm()
+            weight_errors.setdefault(kind_of(layer_name), []).append(
+                (((dequantized - float_weight).norm() / float_weight.norm()).item(), predicted.item()))
 
-                def hook(module, inputs, output, layer_name=layer_name, float_weight=float_weight):
-                    exact = torch.nn.functional.linear(inputs[0].float(), float_weight.float())
-                    error = ((output.float() - exact).norm() / exact.norm()).item()
-                    kind = layer_name.split(".")[-1] if layer_name.startswith("text.") or layer_name == "lm_head" \
-                        else "connector." + layer_name.split(".")[-1]
-                    errors.setdefault(kind, []).append(error)
+            def hook(module, inputs, output, layer_name=layer_name, float_weight=float_weight, dequantized=dequantized):
+                x = inputs[0].float()
+                exact = torch.nn.functional.linear(x, float_weight)
+                errors.setdefault(kind_of(layer_name), []).append(((output.float() - exact).norm() / exact.norm()).item())
+                rows = x.reshape(-1, x.shape[-1])[:8].to(inputs[0].dtype)
+                kernel = QuantizedLinear.forward(module, rows).float()  # decode-sized: qmatmul.c where built
+                wanted = torch.nn.functional.linear(rows.float(), dequantized)
+                kernel_errors.append(((kernel - wanted).norm() / wanted.norm()).item())
 
-                hooks.append(layer.register_forward_hook(hook))
+            hooks.append(layer.register_forward_hook(hook))
         with torch.no_grad():
-            logits = model(text_ids)[0].float()
+            logits = model(text_ids).float()
         for hook in hooks:
             hook.remove()
-        results["variants"][name] = dict(spec=spec.to_config(), **compare(model, logits),
-                                         layer_error={kind: statistics.mean(v) for kind, v in sorted(errors.items())})
+        results["variants"][name] = dict(
+            spec=spec.to_config(), **compare(model, logits),
+            layer_error={kind: statistics.mean(v) for kind, v in sorted(errors.items())},
+            weight_error={kind: statistics.mean(w for w, _ in v) for kind, v in sorted(weight_errors.items())},
+            weight_error_predicted={kind: statistics.mean(p for _, p in v) for kind, v in sorted(weight_errors.items())},
+            kernel_vs_dequantized_max=max(kernel_errors))
+        log(f"    weight error {100 * statistics.mean(results['variants'][name]['weight_error'].values()):.3f}% "
+            f"(uniform rounding predicts {100 * statistics.mean(results['variants'][name]['weight_error_predicted'].values()):.3f}%), "
+            f"kernel vs x W_deq^T: {max(kernel_errors):.1e}")
         del model
-    if "int8" in results["variants"] and not quick:
+    if control and "int8" in results["variants"]:
         # Control: the fp32 model with Gaussian noise in the same linears, as large (relative
         # Frobenius norm, per weight) as int8's mean per-layer output error. If it moves top-1
-        # and greedy as much as int8 does, that is this random network's sensitivity to any
+        # and greedy as much as int8 does, that is the network's sensitivity to any
         # perturbation of that size, not a flaw of the quantizer.
         rel = statistics.mean(results["variants"]["int8"]["layer_error"].values())
+        log(f"  fp32 + noise ({100 * rel:.2f}%):")
         model = im.Idefics2.from_pretrained(path, mmap=False)
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            for layer_name in quantized_linear_names(model, QuantSpec(8)):
+            for layer_name in quantized_linear_names(model, dict(specs)["int8"]):
                 weight = model.get_submodule(layer_name).weight  # in place: fused groups hold views of it
                 noise = torch.randn(weight.shape, generator=generator)
                 weight.add_(noise * (rel * weight.norm() / noise.norm()))
-            logits = model(text_ids)[0].float()
+            logits = model(text_ids).float()
         results["variants"][f"fp32 + noise ({100 * rel:.2f}%, int8's layer error)"] = dict(
             spec=None, **compare(model, logits), layer_error={"all": rel})
         del model
     return results
+
+
+ACCURACY_SPECS = [("int8", "8"), ("int4 g128", "4:128"), ("int4 g64", "4:64"), ("int4 g32", "4:32"),
+                  ("int4 g64 symmetric", "4:64:sym")]
+
+
+def specs_of(names, components: tuple[str, ...] | None = None) -> list:
+    from idefics2_mini.quantize import QuantSpec  # noqa: PLC0415
+
+    options = {} if components is None else {"components": components}
+    out = []
+    for name, code in ACCURACY_SPECS:
+        if name in names:
+            bits, _, rest = code.partition(":")
+            group, _, sym = rest.partition(":")
+            out.append((name, QuantSpec(int(bits), int(group) if group else None, symmetric=True if sym else None,
+                                        **options)))
+    return out
+
+
+def run_accuracy(path: Path, quick: bool) -> dict:
+    """Quantized models against ours fp32 on the wide random checkpoint (module docstring)."""
+    from idefics2_mini.processor import Idefics2Processor  # noqa: PLC0415
+
+    processor = Idefics2Processor.from_pretrained(None)
+    text_ids = processor(text=TEXT)["input_ids"]
+    held = processor(text=HELD_PROMPTS[:4] if quick else HELD_PROMPTS)
+    names = ["int8", "int4 g32"] if quick else [n for n, _ in ACCURACY_SPECS]  # the tiny widths fit groups of 32 only
+    return accuracy_against_fp32(path, text_ids, held, 4 if quick else 24, specs_of(names), control=not quick,
+                                 log=lambda m: print(m, flush=True))
+
+
+def run_trained(weights: Path, quick: bool, plot_dir: Path | None) -> dict:
+    """Quantized models against the fp32 *trained* small LM (benchmarks/trained_lm.py, built
+    if missing): held-out stdlib docstrings teacher-forced (TRAINED_TEXT_ROWS windows of the
+    training length), greedy continuations of TRAINED_PROMPTS held-out document openings."""
+    from benchmarks import trained_lm  # noqa: PLC0415
+
+    size = "quick" if quick else "full"
+    path = weights / f"trained-lm{'-quick' if quick else ''}"
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    history = trained_lm.build(path, size, log=log)
+    _, held_docs, _ = trained_lm.corpus(size)
+    seq = trained_lm.SIZES[size]["seq"]
+    held_ids = trained_lm.token_stream(held_docs)
+    rows, prompts, prompt_len, new = (4, 4, 16, 8) if quick else TRAINED_SHAPE
+    text_ids = trained_lm.held_windows(held_ids, rows, seq)
+    # prompts: the openings (BOS + prompt_len - 1 tokens) of evenly spaced held-out documents long enough
+    openings = [ids for ids in (trained_lm.token_stream([d])[: prompt_len] for d in held_docs) if len(ids) == prompt_len]
+    picked = torch.stack([openings[i] for i in torch.linspace(0, len(openings) - 1, prompts).long().tolist()])
+    held = {"input_ids": picked, "attention_mask": torch.ones_like(picked)}
+    names = ["int8", "int4 g32"] if quick else [n for n, _ in ACCURACY_SPECS]
+    # text only: the decoder's linears and the lm_head (its tiny connector, unused, is 64 wide)
+    results = accuracy_against_fp32(path, text_ids, held, new, specs_of(names, ("text", "lm_head")), control=True,
+                                    log=log)
+    results["training"] = {k: v for k, v in history.items() if k not in ("step", "loss", "eval_step")}
+    results["training"]["final_train_loss_mean_last_20"] = statistics.mean(history["loss"][-20:])
+    results["checkpoint"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+    if plot_dir is not None:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        results["loss_curve"] = trained_lm.plot(history, plot_dir / "quantize-trained-loss.png").name
+    return results
+
+
+TRAINED_SHAPE = (32, 24, 32, 32)  # teacher-forced windows, prompts, prompt tokens (with BOS), new tokens
+
 
 
 # ============================================================================ report
@@ -602,7 +727,7 @@ INT8_ON_LOAD = "ours int8 (quantized while loading fp32 files)"
 INT4_ON_LOAD = "ours int4 g64 (quantized while loading fp32 files)"
 
 
-def targets(decode, accuracy, bandwidth: float) -> list[tuple[str, str, str, bool]]:
+def targets(decode, accuracy, bandwidth: float, trained=None) -> list[tuple[str, str, str, bool]]:
     """Issue 15's CPU targets, as (what, target, measured, met) rows, for what was measured."""
     rows = []
     if decode and INT8_ON_LOAD in decode:
@@ -621,20 +746,92 @@ def targets(decode, accuracy, bandwidth: float) -> list[tuple[str, str, str, boo
             rows.append((f"{label} load from fp32 files: peak memory / the quantized model", "<= 1.2",
                          f"{peak:.2f} ({decode[name]['load_peak_above_base_mib']:,.0f} / "
                          f"{decode[name]['model_mib']:,.0f} MiB)", peak <= 1.2))
-    if accuracy:
-        n = accuracy["held_prompts"]
+    for data, which in ((trained, "trained 256-wide LM, held-out stdlib docstrings"),
+                        (accuracy, "random 8B-wide checkpoint, realistic-statistics weights")):
+        if not data:
+            continue
+        n = data["held_prompts"]
         for name in ("int8", "int4 g64"):
-            if name in accuracy["variants"]:
-                v = accuracy["variants"][name]
-                rows.append((f"{name}: held prompts whose {accuracy['new_tokens']} greedy tokens all equal fp32's",
-                             "a clear majority (>= 2/3)", f"{v['greedy_identical']}/{n} (first token: "
-                             f"{v['greedy_first_token']}/{n}; tokens: {100 * v['greedy_tokens_agreeing']:.0f}% equal)",
+            if name in data["variants"]:
+                v = data["variants"][name]
+                rows.append((f"{name} ({which}): held prompts whose {data['new_tokens']} greedy tokens all equal "
+                             "fp32's", "a clear majority (>= 2/3)", f"{v['greedy_identical']}/{n} (first token: "
+                             f"{v['greedy_first_token']}/{n}; tokens: {100 * v['greedy_tokens_agreeing']:.0f}% equal; "
+                             f"top-1 {100 * v['top1_agreement']:.1f}%, KL {v['kl']:.3f})",
                              v["greedy_identical"] >= 2 * n / 3))
     return rows
 
 
+def accuracy_lines(accuracy: dict, network: str) -> list[str]:
+    """The tables of one accuracy_against_fp32 result."""
+    lines = [f"fp32: NLL {accuracy['nll_fp32']:.4f}, logits std {accuracy['fp32_logit_std']:.2f}, median top-1 margin "
+             f"{accuracy['fp32_top1_margin_median']:.3f}; top-1 probability (quantiles 10/25/50/75/90%): at its greedy "
+             "steps " + " / ".join(f"{q:.2f}" for q in accuracy.get("fp32_top1_prob_greedy_quantiles", []))
+             + "; on the text " + " / ".join(f"{q:.2f}" for q in accuracy.get("fp32_top1_prob_text_quantiles", []))
+             + " (a trained LM: often 0.3-0.9)."
+             + (f" fp32's greedy continuations hold on average {accuracy['fp32_greedy_distinct_tokens_mean']:.1f} "
+                f"distinct tokens of {accuracy['new_tokens']} (a weak model's greedy text loops; the fewer, the "
+                "easier greedy agreement is)." if "fp32_greedy_distinct_tokens_mean" in accuracy else ""), "",
+             "| variant | top-1 agreement | NLL diff | KL (nats/token) | max logit err / max logit | "
+             "greedy identical | greedy first token same | greedy tokens same |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    n = accuracy["held_prompts"]
+    for name, v in accuracy["variants"].items():
+        lines.append(f"| {name} | {100 * v['top1_agreement']:.1f}% | {v['nll_diff']:+.4f} | {v['kl']:.4f} | "
+                     f"{v['logits_rel_err']:.3f} | {v['greedy_identical']}/{n} | {v['greedy_first_token']}/{n} | "
+                     f"{100 * v['greedy_tokens_agreeing']:.0f}% |")
+    if any(not v.get("spec") for v in accuracy["variants"].values()):
+        lines += ["", "The `fp32 + noise` row is a control: the fp32 model with Gaussian noise added to the same "
+                  "linears' weights, as large (relative Frobenius norm) as int8's mean per-layer error. Where it "
+                  f"moves top-1 and greedy as much as int8, the changes are {network}'s sensitivity to any "
+                  "perturbation of that size, not the quantizer's doing."]
+    quantized = {name: v for name, v in accuracy["variants"].items() if v.get("spec")}
+    kinds = sorted({k for v in quantized.values() for k in v["layer_error"]})
+    lines += ["", "Per-layer output error (relative Frobenius norm of y_quantized - x W_fp32^T on the layer's own "
+              "input, mean over layers of a kind):", "", "| variant | " + " | ".join(kinds) + " |",
+              "|---|" + "---:|" * len(kinds)]
+    for name, v in quantized.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v['layer_error'].get(k, float('nan')):.2f}%"
+                                                  for k in kinds) + " |")
+    if all("weight_error" in v for v in quantized.values()):
+        lines += ["", "Weight error ||W_deq - W|| / ||W|| (mean over the quantized linears) beside what uniform "
+                  "rounding predicts from the stored scales (each weight off by U(-s/2, s/2): sqrt(sum s^2 G / 12) / "
+                  "||W||), and the kernel's decode-sized output (<= 8 rows through QuantizedLinear) against "
+                  "x W_deq^T: a wrong dequantization would show in either.", "",
+                  "| variant | weight error | uniform-rounding prediction | kernel vs x W_deq^T (max) |",
+                  "|---|---:|---:|---:|"]
+        for name, v in quantized.items():
+            lines.append(f"| {name} | {100 * statistics.mean(v['weight_error'].values()):.3f}% | "
+                         f"{100 * statistics.mean(v['weight_error_predicted'].values()):.3f}% | "
+                         f"{v['kernel_vs_dequantized_max']:.1e} |")
+    lines.append("")
+    return lines
+
+
+def trained_lines(trained: dict) -> list[str]:
+    t = trained["training"]
+    h = t["hyper"]
+    lines = ["## Accuracy against ours fp32 (a trained small LM)", "",
+             f"`{trained['checkpoint']}`, built by `benchmarks/trained_lm.py` (its docstring): decoder "
+             f"{h['hidden']} wide, {h['layers']} layers, SwiGLU {h['intermediate']}, {h['heads']} / {h['kv_heads']} heads "
+             f"x {h['head_dim']}, vocab 32003, trained from random init on the docstrings of Python "
+             f"{t['python']}'s standard library and its help topics ({t['train_tokens']:,} tokens of "
+             f"{t['train_documents']} documents; corpus sha256 {t['corpus_sha256'][:12]}), {h['steps']} steps of "
+             f"{h['batch']} x {h['seq']} tokens ({t['tokens']:,} tokens), AdamW, cosine lr from {h['lr']:g}, "
+             f"{t['seconds'] / 60:.1f} min on {t['threads']} thread(s). Held-out loss (documents of "
+             f"modules never trained on) {t['eval_loss'][0]:.2f} -> {t['eval_loss'][-1]:.3f} nats/token "
+             f"(training loss, mean of the last 20 steps, {t['final_train_loss_mean_last_20']:.3f})"
+             + (f"; curve: `{trained['loss_curve']}`" if trained.get("loss_curve") else "") + ".", "",
+             f"Teacher-forced on {trained['text_rows']} held-out windows ({trained['text_tokens']:,} tokens; fp32 "
+             f"predicts the next token {100 * trained['fp32_text_top1_accuracy']:.1f}% of the time); greedy: "
+             f"{trained['held_prompts']} held-out document openings of {trained['prompt_tokens']} tokens x "
+             f"{trained['new_tokens']} new tokens ({GREEDY_CHUNK} a batch: the decode steps run through qmatmul.c).",
+             ""]
+    return lines + accuracy_lines(trained, "this trained model")
+
+
 def write_report(out_dir: Path, info: dict, args, bandwidth: float, bandwidths: list[float], ops, decode, accuracy,
-                 path: Path) -> None:
+                 path: Path, trained=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# Weight-only quantization — {info['device']}", "",
              f"- machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM; torch {info['torch']}, "
@@ -646,7 +843,7 @@ def write_report(out_dir: Path, info: dict, args, bandwidth: float, bandwidths: 
              "(8B widths, 2 decoder layers, realistic weight statistics: see the benchmark's docstring)",
              "- the CPU is shared with other engineers' tests and benchmarks: figures may be lower than on a quiet "
              "machine (each decode row gives the other processes' CPU use)", ""]
-    goal = targets(decode, accuracy, bandwidth)
+    goal = targets(decode, accuracy, bandwidth, trained)
     if goal:
         lines += ["## Targets (issue 15, CPU)", "", "| target | wanted | measured | met |", "|---|---|---|:---:|"]
         lines += [f"| {what} | {want} | {got} | {'yes' if met else 'NO'} |" for what, want, got, met in goal]
@@ -677,49 +874,23 @@ def write_report(out_dir: Path, info: dict, args, bandwidth: float, bandwidths: 
                 f"{100 * r.get('others_cpu', float('nan')):.0f}% |")
         lines.append("")
     if accuracy:
-        lines += ["## Accuracy against ours fp32", "",
-                  f"Teacher-forced on a {accuracy['text_tokens']}-token text (fp32 NLL {accuracy['nll_fp32']:.4f}; "
-                  f"fp32 logits: std {accuracy['fp32_logit_std']:.2f}, median top-1 margin "
-                  f"{accuracy['fp32_top1_margin_median']:.3f}); greedy: {accuracy['held_prompts']} held prompts x "
-                  f"{accuracy['new_tokens']} new tokens (batch, left-padded).", "",
-                  "fp32 top-1 probability (quantiles 10/25/50/75/90%): at its greedy steps "
-                  + " / ".join(f"{q:.2f}" for q in accuracy.get("fp32_top1_prob_greedy_quantiles", []))
-                  + "; on the text " + " / ".join(f"{q:.2f}" for q in accuracy.get("fp32_top1_prob_text_quantiles", []))
-                  + " (a trained LM: often 0.3-0.9).", "",
-                  "| variant | top-1 agreement | NLL diff | KL (nats/token) | max logit err / max logit | "
-                  "greedy identical | greedy first token same | greedy tokens same |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, v in accuracy["variants"].items():
-            n = accuracy["held_prompts"]
-            lines.append(f"| {name} | {100 * v['top1_agreement']:.1f}% | {v['nll_diff']:+.4f} | {v['kl']:.4f} | "
-                         f"{v['logits_rel_err']:.3f} | {v['greedy_identical']}/{n} | {v['greedy_first_token']}/{n} | "
-                         f"{100 * v['greedy_tokens_agreeing']:.0f}% |")
-        if any(not v.get("spec") for v in accuracy["variants"].values()):
-            lines += ["", "The `fp32 + noise` row is a control: the fp32 model with Gaussian noise added to the same "
-                      "linears' weights, as large (relative Frobenius norm) as int8's mean per-layer error. Where it "
-                      "moves top-1 and greedy as much as int8, the changes are this random 2-layer network's "
-                      "sensitivity to any perturbation of that size, not the quantizer's doing."]
-        kinds = sorted({k for v in accuracy["variants"].values() if v.get("spec") for k in v["layer_error"]})
-        lines += ["", "Per-layer output error (relative Frobenius norm of y_quantized - x W_fp32^T on the layer's own "
-                  "input, mean over layers of a kind):", "", "| variant | " + " | ".join(kinds) + " |",
-                  "|---|" + "---:|" * len(kinds)]
-        for name, v in accuracy["variants"].items():
-            if not v.get("spec"):
-                continue
-            lines.append(f"| {name} | " + " | ".join(f"{100 * v['layer_error'].get(k, float('nan')):.2f}%"
-                                                      for k in kinds) + " |")
-        lines.append("")
+        lines += ["## Accuracy against ours fp32 (random 8B-wide checkpoint)", "",
+                  f"Teacher-forced on a {accuracy['text_tokens']}-token text; greedy: {accuracy['held_prompts']} "
+                  f"held prompts x {accuracy['new_tokens']} new tokens (left-padded, {GREEDY_CHUNK} a batch).", ""]
+        lines += accuracy_lines(accuracy, "this random 2-layer network")
+    if trained:
+        lines += trained_lines(trained)
     (out_dir / "quantize.md").write_text("\n".join(lines))
     (out_dir / "quantize.json").write_text(json.dumps(dict(
         info=info, bandwidth_gbs=bandwidth, bandwidth_samples_gbs=bandwidths, ops=ops, decode=decode,
-        accuracy=accuracy, targets=[dict(what=w, wanted=t, measured=m, met=ok) for w, t, m, ok in goal]),
+        accuracy=accuracy, trained=trained, targets=[dict(what=w, wanted=t, measured=m, met=ok) for w, t, m, ok in goal]),
         indent=1) + "\n")
     print(f"wrote {out_dir / 'quantize.md'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="ops,decode,accuracy")
+    parser.add_argument("--parts", default="ops,decode,accuracy,trained")
     parser.add_argument("--threads", type=int, default=common.usable_cores())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-wait", type=float, default=60.0)
@@ -762,9 +933,11 @@ def main() -> None:
         bandwidth = previous.get("bandwidth_gbs") if decode else statistics.median(bandwidths)
         bandwidths = previous.get("bandwidth_samples_gbs", [bandwidth]) if decode else bandwidths
     accuracy = run_accuracy(path, args.quick) if "accuracy" in parts else previous.get("accuracy")
+    trained = run_trained(Path(args.weights), args.quick, out_dir if args.out or not args.quick else None) \
+        if "trained" in parts else previous.get("trained")
     if args.quick and not args.out:
         return
-    write_report(out_dir, info, args, bandwidth, bandwidths, ops, decode, accuracy, path)
+    write_report(out_dir, info, args, bandwidth, bandwidths, ops, decode, accuracy, path, trained)
 
 
 if __name__ == "__main__":
