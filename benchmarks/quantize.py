@@ -818,7 +818,7 @@ def trained_lines(trained: dict) -> list[str]:
              f"{t['python']}'s standard library and its help topics ({t['train_tokens']:,} tokens of "
              f"{t['train_documents']} documents; corpus sha256 {t['corpus_sha256'][:12]}), {h['steps']} steps of "
              f"{h['batch']} x {h['seq']} tokens ({t['tokens']:,} tokens), AdamW, cosine lr from {h['lr']:g}, "
-             f"{t['seconds'] / 60:.1f} min on {t['threads']} thread(s). Held-out loss (documents of "
+             f"{t['seconds'] / 60:.1f} min wall-clock on {t['threads']} thread(s). Held-out loss (documents of "
              f"modules never trained on) {t['eval_loss'][0]:.2f} -> {t['eval_loss'][-1]:.3f} nats/token "
              f"(training loss, mean of the last 20 steps, {t['final_train_loss_mean_last_20']:.3f})"
              + (f"; curve: `{trained['loss_curve']}`" if trained.get("loss_curve") else "") + ".", "",
