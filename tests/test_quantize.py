@@ -35,6 +35,7 @@ from idefics2_mini.quantize import (
     save_quantized,
     unpack_int4,
 )
+from idefics2_mini.quantize.fusion import fused_quantized_groups
 
 INT8_LOGIT_BOUND, INT4_LOGIT_BOUND = 0.02, 0.25
 
@@ -299,6 +300,50 @@ def test_quantize_swaps_the_chosen_linears_and_composes_with_the_backends(checkp
     assert model.dtype == torch.float32 and model.device.type == "cpu"
     im.apply_backends(model)  # applying the backends again leaves the quantized layers alone
     assert isinstance(model.lm_head, QuantizedLinear)
+
+
+def test_quantized_projections_fuse_exactly(checkpoint, prompts):
+    """q/k/v and gate/up of a quantized model are one kernel call (quantize/fusion.py) whose
+    buffers are the members' own; each output row is computed alone, so decode is bit-equal."""
+    fused = im.Idefics2.from_pretrained(checkpoint, quantize="int4")  # laid out fused, then filled
+    plain = im.Idefics2.from_pretrained(checkpoint, quantize="int4", backends=False)
+    groups = fused_quantized_groups(fused)
+    assert len(groups) >= 2 * tiny_config().text.num_hidden_layers and fused_quantized_groups(plain) == []
+    for group in groups:
+        assert group.intact()
+        for name in ("qweight", "scales", "zeros"):  # views of the fused buffers, not copies
+            storages = {getattr(m, name).untyped_storage().data_ptr() for m in group.members}
+            assert storages == {getattr(group.fused, name).untyped_storage().data_ptr()}
+    ids = prompts[:1]
+    with torch.no_grad():
+        assert torch.equal(fused.generate(ids, max_new_tokens=6, eos_token_id=[]),
+                           plain.generate(ids, max_new_tokens=6, eos_token_id=[]))
+        attention = fused.text.layers[0].self_attn
+        x = torch.randn(1, 8, tiny_config().text.hidden_size)  # 8 rows: the kernel
+        q, k, v = attention.project_qkv(x)
+        assert torch.equal(q, attention.q_proj(x)) and torch.equal(v, attention.v_proj(x))
+        assert torch.allclose(fused(prompts), plain(prompts), rtol=1e-5, atol=1e-5)  # prefill: float matmuls
+
+
+def test_quantize_refuses_the_fused_groups_and_to_keeps_them(checkpoint, prompts):
+    model = quantize(im.Idefics2.from_pretrained(checkpoint), "int8")
+    reference = quantize(im.Idefics2.from_pretrained(checkpoint, backends=False), "int8")
+    groups = fused_quantized_groups(model)
+    assert groups and all(group.intact() for group in groups)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompts[:1], max_new_tokens=4, eos_token_id=[]),
+                           reference.generate(prompts[:1], max_new_tokens=4, eos_token_id=[]))
+    scales = model.lm_head.scales.clone()
+    model.to(torch.bfloat16)  # the fp32 int8 scales stay exactly as stored, and the views stay views
+    assert model.lm_head.scales.dtype == torch.float32 and torch.equal(model.lm_head.scales, scales)
+    assert all(group.intact() for group in groups)
+    attention = model.text.layers[0].self_attn
+    group = attention.__dict__["project_qkv"]
+    attention.k_proj = QuantizedLinear.from_linear(nn.Linear(128, 64), QuantSpec(8))  # replaced: the group steps aside
+    assert not group.intact()
+    x = torch.randn(1, 1, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(attention.project_qkv(x)[1], attention.k_proj(x))
 
 
 def test_bf16_model(checkpoint, prompts):

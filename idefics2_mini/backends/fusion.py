@@ -69,6 +69,10 @@ class FusedProjections:
         self.sizes = [member.out_features for member in self.members]
         self.weight, self.bias = weight, bias
 
+    def shares_storage(self) -> bool:
+        """Are the linears' weights still row blocks of the fused matrix?"""
+        return self.members[0]._parameters["weight"].data_ptr() == self.weight.data_ptr()  # noqa: SLF001
+
     def current(self) -> bool:
         """True while the fused matrix may stand in for the linears (see the module docstring)."""
         if torch.is_grad_enabled() and self.members[0]._parameters["weight"].requires_grad:  # noqa: SLF001
@@ -82,15 +86,17 @@ class FusedProjections:
         return tuple(getattr(self.module, name)(x) for name in self.names)
 
 
-def intact(fused: FusedProjections) -> bool:
+def intact(fused) -> bool:
     """Does the module still hold the linears the group was made from, and are their weights
     still row blocks of the fused matrix (not moved or converted)? Plain dict lookups, not
-    nn.Module's getattr: this runs on every call of the decode path."""
+    nn.Module's getattr: this runs on every call of the decode path. `fused`: a
+    FusedProjections, or anything with its `module`, `named_members` and `shares_storage()`
+    (quantize/fusion.py's quantized groups, which compiled.py checks the same way)."""
     children = fused.module._modules  # noqa: SLF001
     for name, member in fused.named_members:
         if children.get(name) is not member:
             return False
-    return fused.members[0]._parameters["weight"].data_ptr() == fused.weight.data_ptr()  # noqa: SLF001
+    return fused.shares_storage()
 
 
 # The check as FusedProjections.current() calls it; `prepare_for_compile` rebinds it.

@@ -39,6 +39,7 @@ from torch import nn
 from .. import loading
 from ..config import Idefics2Config
 from .formats import QuantizationError, QuantSpec, quantize_weight
+from .fusion import fuse_quantized_projections
 from .linear import QuantizedLinear, checked_linear_names
 
 QUANTIZED_SUFFIXES = (".qweight", ".scales", ".zeros")
@@ -148,7 +149,8 @@ def load_quantized(model: nn.Module, path: str | Path, dtype: torch.dtype = torc
     checkpoint, or from a float one quantized by `quantize` on the way (streaming; see the
     module docstring). Floats come in `dtype` on `device`. Raises CheckpointError /
     QuantizationError naming the tensor and file before any data is read. `fuse`: the float
-    projection groups left (e.g. the vision tower's) are laid out fused (backends/fusion.py)."""
+    projection groups left (e.g. the vision tower's) are laid out fused (backends/fusion.py), the
+    quantized ones too (quantize/fusion.py)."""
     path = Path(path)
     device = torch.device(device)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -176,6 +178,7 @@ def load_quantized(model: nn.Module, path: str | Path, dtype: torch.dtype = torc
         from ..backends import fusion  # noqa: PLC0415
 
         fusion.fuse_projections(model, "empty")  # the float groups left (fusion skips quantized ones)
+        fuse_quantized_projections(model, "empty")  # the quantized ones: the loop below fills them through views
     targets = _stored_tensors(model)
     total_files, files_done, current = len(found.headers), 0, None
     with torch.no_grad():

@@ -105,7 +105,9 @@ class QuantizedLinear(nn.Module):
         for name, before in (("scales", scales), ("zeros", zeros)):
             after = getattr(self, name)
             if after is not None and after.dtype != before.dtype:
-                setattr(self, name, after.to(before.dtype))
+                # the stored tensor itself (moved if the conversion moved): converting back would
+                # round fp32 scales through the new dtype, and a fused group's views would be lost
+                self._buffers[name] = before.to(after.device)  # noqa: SLF001
         return self
 
     def extra_repr(self) -> str:
@@ -143,11 +145,15 @@ def quantize(model: nn.Module, bits: int | str | QuantSpec = 8, group_size: int 
     (peak memory: the model plus one weight). A fused projection group (backends/fusion.py)
     whose linears are replaced is unfused, so its fused matrix is freed too; the rest of the
     backends need nothing (they leave a QuantizedLinear alone). A tied lm_head (sharing the
-    embedding's weight) is quantized as a copy: the embedding stays float."""
+    embedding's weight) is quantized as a copy: the embedding stays float. A group that was
+    fused is fused again, quantized (quantize/fusion.py: one kernel call for q/k/v, gate/up)."""
     spec = _spec(bits, group_size, symmetric, components)
     names = checked_linear_names(model, spec)
     from ..backends import fusion  # noqa: PLC0415
 
+    from .fusion import fuse_group  # noqa: PLC0415
+
+    refuse = []  # modules whose float projections were fused: fused again once quantized
     for name in names:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -159,6 +165,9 @@ def quantize(model: nn.Module, bits: int | str | QuantSpec = 8, group_size: int 
         group = fusion.fused_group(parent)
         if group is not None:
             parent.__dict__.pop(fusion.FUSIBLE[type(parent)][0], None)
+            refuse.append(parent)
+    for parent in refuse:
+        fuse_group(parent, "copy")
     model.quantization = spec
     return model
 
