@@ -540,7 +540,8 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
     of y - x W_fp32^T), the weight error ||W_deq - W|| / ||W||, what uniform rounding predicts
     for it (sqrt(sum_groups s^2 G / 12) / ||W||: every weight off by U(-s/2, s/2)), and the
     kernel's decode-sized output (the first <= 8 rows through QuantizedLinear.forward) against
-    x W_deq^T. `control`: the fp32 model with Gaussian noise as large as int8's output error."""
+    x W_deq^T. `control`: the fp32 model with Gaussian noise as large as int8's output error,
+    and again as large as int4 g64's (CONTROLS)."""
     import idefics2_mini as im  # noqa: PLC0415
     from idefics2_mini.quantize import QuantizedLinear, quantized_linear_names  # noqa: PLC0415
 
@@ -647,27 +648,31 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
             f"(uniform rounding predicts {100 * statistics.mean(results['variants'][name]['weight_error_predicted'].values()):.3f}%), "
             f"kernel vs x W_deq^T: {max(kernel_errors):.1e}")
         del model
-    if control and "int8" in results["variants"]:
+    for matched in CONTROLS if control else ():
+        if matched not in results["variants"]:
+            continue
         # Control: the fp32 model with Gaussian noise in the same linears, as large (relative
-        # Frobenius norm, per weight) as int8's mean per-layer output error. If it moves top-1
-        # and greedy as much as int8 does, that is the network's sensitivity to any
-        # perturbation of that size, not a flaw of the quantizer.
-        rel = statistics.mean(results["variants"]["int8"]["layer_error"].values())
-        log(f"  fp32 + noise ({100 * rel:.2f}%):")
+        # Frobenius norm, per weight) as a variant's mean per-layer output error. If it moves
+        # top-1 and greedy as much as that variant does, that is the network's sensitivity to
+        # any perturbation of that size, not a flaw of the quantizer.
+        rel = statistics.mean(results["variants"][matched]["layer_error"].values())
+        log(f"  fp32 + noise ({100 * rel:.2f}%, {matched}'s layer error):")
         model = im.Idefics2.from_pretrained(path, mmap=False)
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            for layer_name in quantized_linear_names(model, dict(specs)["int8"]):
+            for layer_name in quantized_linear_names(model, dict(specs)[matched]):
                 weight = model.get_submodule(layer_name).weight  # in place: fused groups hold views of it
                 noise = torch.randn(weight.shape, generator=generator)
                 weight.add_(noise * (rel * weight.norm() / noise.norm()))
             logits = model(text_ids).float()
-        results["variants"][f"fp32 + noise ({100 * rel:.2f}%, int8's layer error)"] = dict(
+        results["variants"][f"fp32 + noise ({100 * rel:.2f}%, {matched}'s layer error)"] = dict(
             spec=None, **compare(model, logits), layer_error={"all": rel})
         del model
     return results
 
 
+# The variants whose layer error sizes a noise control (accuracy_against_fp32's `control`).
+CONTROLS = ("int8", "int4 g64")
 ACCURACY_SPECS = [("int8", "8"), ("int4 g128", "4:128"), ("int4 g64", "4:64"), ("int4 g32", "4:32"),
                   ("int4 g64 symmetric", "4:64:sym")]
 
@@ -795,10 +800,10 @@ def accuracy_lines(accuracy: dict, network: str) -> list[str]:
                      f"{v['logits_rel_err']:.3f} | {v['greedy_identical']}/{n} | {v['greedy_first_token']}/{n} | "
                      f"{100 * v['greedy_tokens_agreeing']:.0f}% |")
     if any(not v.get("spec") for v in accuracy["variants"].values()):
-        lines += ["", "The `fp32 + noise` row is a control: the fp32 model with Gaussian noise added to the same "
-                  "linears' weights, as large (relative Frobenius norm) as int8's mean per-layer error. Where it "
-                  f"moves top-1 and greedy as much as int8, the changes are {network}'s sensitivity to any "
-                  "perturbation of that size, not the quantizer's doing."]
+        lines += ["", "The `fp32 + noise` rows are controls: the fp32 model with Gaussian noise added to the same "
+                  "linears' weights, as large (relative Frobenius norm) as the named variant's mean per-layer error. "
+                  "Where one moves top-1 and greedy as much as its variant, the changes are "
+                  f"{network}'s sensitivity to any perturbation of that size, not the quantizer's doing."]
     quantized = {name: v for name, v in accuracy["variants"].items() if v.get("spec")}
     kinds = sorted({k for v in quantized.values() for k in v["layer_error"]})
     lines += ["", "Per-layer output error (relative Frobenius norm of y_quantized - x W_fp32^T on the layer's own "
