@@ -4,6 +4,7 @@ what the eager step generates."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from torch._dynamo.testing import CompileCounter
 import idefics2_mini as im
 import kernels
 from idefics2_mini.backends import compile_decode, fuse_projections, is_compiled
+from idefics2_mini.quantize.fusion import fused_quantized_groups
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +152,21 @@ def test_compiled_decode_attention_equals_the_eager_reference(dtype):
         assert got.dtype == dtype and torch.equal(got[2], torch.zeros_like(got[2]))
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
         assert (got.float() - eager.float()).abs().max() <= tolerance
+
+
+def test_quantized_fused_projections_trace_and_are_rechecked(tmp_path):
+    """A quantized model's fused groups (quantize/fusion.py) trace into the one graph like float
+    ones, and replacing a member is noticed before the next step (eager from then on)."""
+    make_reference_checkpoint(tmp_path, seed=3, scale=3.0, sliding_window=3)
+    model = im.Idefics2.from_pretrained(tmp_path, quantize="int8")
+    assert fused_quantized_groups(model.text)
+    batch = image_batch()
+    try:
+        eager, compiled, counter = generate_eager_then_counted(model, batch, 6)
+        assert counter.frame_count == 1 and torch.equal(compiled, eager) and is_compiled(model)
+        attention = model.text.layers[0].self_attn
+        attention.k_proj = copy.deepcopy(attention.k_proj)  # same values, its own buffers: the group steps aside
+        assert torch.equal(model.generate(**batch, max_new_tokens=6, eos_token_id=[]), eager)
+        assert not is_compiled(model)
+    finally:
+        compile_decode(model, enable=False)
