@@ -19,6 +19,7 @@ patch embedding stay float.
     formats.py      QuantSpec, and the quantization math (float -> integers, scales, zeros)
     linear.py       QuantizedLinear (its own fast path per call) and `quantize(model, ...)`
     cpu.py          the CPU kernel (qmatmul.c, built with the system C compiler) and the prefill path
+    fusion.py       q/k/v and gate/up of a quantized model as one call (the members' buffers, stacked)
     checkpoint.py   quantized checkpoints: save, streaming load, the `quantize` command
     kernels/dequant_matmul.py   the storage layout, dequantization reference and the Triton kernel (GPU)
 """

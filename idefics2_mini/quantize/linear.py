@@ -10,8 +10,8 @@ own fast path, chosen per call:
     otherwise (prefill, training)            dequantize a block of rows, float matmul (cpu.dequantized_linear)
 
 so the CPU backends' CpuLinear swap (backends/cpu.py, which converts only plain nn.Linear) and
-the fused projections (backends/fusion.py, which step aside when a module's linears are
-replaced) leave it alone.
+the float fused projections (backends/fusion.py, which step aside when a module's linears are
+replaced) leave it alone; quantize/fusion.py fuses quantized groups instead.
 """
 
 from __future__ import annotations
