@@ -14,7 +14,7 @@ MAX_ROWS rows of x, each weight row read once for all of them, by one of four pa
                 vpdpbusd multiply 32 / 64 pairs per instruction. The default where it exists:
                 on 2 AMD EPYC (Zen 4) cores, one row of x, it streams int8 at 33-43 GB/s and
                 int4 (g64) at 26-30 where the paths below reached 15-29 and 11-15 (rows of
-                14336 columns: int8 ~24, int4 23-25; the memory: 27-47 GB/s by torch.sum).
+                14336 columns: int8 ~24, int4 ~30; the memory: 27-47 GB/s by torch.sum).
     "avx2"      CPUs with AVX2 but no AVX-512 (AMD Zen 2/3, Intel client cores, most laptops):
                 "vnni"'s math (the same 16-bit grid of x) with vpmaddwd on 256-bit vectors.
                 On 2 AMD EPYC (Zen 3) cores, one row of x, weights from memory: int8 12-18
