@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from ..backends import fusion as float_fusion
-from ..backends.fusion import FUSIBLE
 from .linear import QuantizedLinear
 
 MODES = ("copy", "empty")
@@ -71,9 +70,9 @@ def fuse_group(module: nn.Module, mode: str = "copy") -> bool:
     uninitialised (a loader writes the members afterwards, through their views)."""
     if mode not in MODES:
         raise ValueError(f"fusion mode must be one of {MODES}, got {mode!r}")
-    if type(module) not in FUSIBLE:
+    if type(module) not in float_fusion.FUSIBLE:
         return False
-    method, names, max_rows = FUSIBLE[type(module)]
+    method, names, max_rows = float_fusion.FUSIBLE[type(module)]
     members = [getattr(module, name) for name in names]
     if not all(isinstance(member, QuantizedLinear) for member in members):
         return False
@@ -106,9 +105,5 @@ def fuse_group(module: nn.Module, mode: str = "copy") -> bool:
 
 def fused_quantized_groups(model: nn.Module) -> list[FusedQuantizedProjections]:
     """The FusedQuantizedProjections installed in `model`, in module order."""
-    groups = []
-    for module in model.modules():
-        group = module.__dict__.get(FUSIBLE[type(module)][0]) if type(module) in FUSIBLE else None
-        if isinstance(group, FusedQuantizedProjections):
-            groups.append(group)
-    return groups
+    groups = [module.__dict__.get(method) for module, method in float_fusion.fusible_modules(model)]
+    return [group for group in groups if isinstance(group, FusedQuantizedProjections)]

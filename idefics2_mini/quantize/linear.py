@@ -150,8 +150,7 @@ def quantize(model: nn.Module, bits: int | str | QuantSpec = 8, group_size: int 
     spec = _spec(bits, group_size, symmetric, components)
     names = checked_linear_names(model, spec)
     from ..backends import fusion  # noqa: PLC0415
-
-    from .fusion import fuse_group  # noqa: PLC0415
+    from .fusion import fuse_group  # noqa: PLC0415  (it imports this module)
 
     refuse = []  # modules whose float projections were fused: fused again once quantized
     for name in names:
