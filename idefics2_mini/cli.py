@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "write a quantized checkpoint once instead)")
     parser.add_argument("--group-size", type=int, default=None, metavar="G",
                         help="with --quantize int4: input columns per scale, 32, 64 (default) or 128")
+    parser.add_argument("--lm-head-bits", type=int, default=None, metavar="8|4",
+                        help="with --quantize: the lm_head's width (default 8)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile: faster tokens after a one-time "
                         "compile of ~10-30 s (on a CPU it needs a C++ compiler)")
@@ -353,14 +355,15 @@ def _demo_notice(path: Path) -> str:
 def _quantization(args: argparse.Namespace):
     """--quantize / --group-size as a quantize.QuantSpec (None: load as stored)."""
     if args.quantize is None:
-        if args.group_size is not None:
-            raise CLIError("--group-size goes with --quantize int4")
+        if args.group_size is not None or args.lm_head_bits is not None:
+            raise CLIError(f"{'--group-size' if args.group_size is not None else '--lm-head-bits'} goes with "
+                           "--quantize int8|int4")
         return None
     if args.tp is not None:
         raise CLIError("--tp and --quantize do not go together (tensor parallelism shards float weights)")
     from .quantize import QuantSpec  # noqa: PLC0415
 
-    return QuantSpec.parse(args.quantize, args.group_size)
+    return QuantSpec.parse(args.quantize, args.group_size, lm_head_bits=args.lm_head_bits)
 
 
 def _load(weights: Path, dtype: torch.dtype, device: torch.device, quiet: bool, tp_group=None, quantize=None):

@@ -357,7 +357,8 @@ def test_bf16_model(checkpoint, prompts):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 64, symmetric=True)])
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 64, symmetric=True),
+                                  QuantSpec(4, 32, lm_head_bits=4)])
 def test_saved_checkpoint_loads_back_and_equals_quantize_on_load(spec, checkpoint, prompts, tmp_path):
     quantized = quantize(im.Idefics2.from_pretrained(checkpoint), spec)
     save_quantized(quantized, tmp_path, max_shard_bytes=2_000_000)
@@ -367,8 +368,9 @@ def test_saved_checkpoint_loads_back_and_equals_quantize_on_load(spec, checkpoin
     names = set(loading.inspect_checkpoint(tmp_path).files)
     assert "model.text_model.layers.0.self_attn.q_proj.qweight" in names
     assert "model.text_model.layers.0.self_attn.q_proj.weight" not in names
-    assert ("lm_head.zeros" in names) != spec.symmetric
+    assert ("lm_head.zeros" in names) != spec.for_layer("lm_head").symmetric
     loaded = im.Idefics2.from_pretrained(tmp_path)
+    assert loaded.lm_head.bits == spec.lm_head_bits and loaded.text.layers[0].mlp.down_proj.bits == spec.bits
     on_load = im.Idefics2.from_pretrained(checkpoint, quantize=spec)
     with torch.no_grad():
         expected = quantized(prompts)
@@ -376,6 +378,34 @@ def test_saved_checkpoint_loads_back_and_equals_quantize_on_load(spec, checkpoin
         assert torch.equal(on_load(prompts), expected)
     for a, b in zip(loaded.buffers(), quantized.buffers()):
         assert torch.equal(a, b)
+
+
+def test_int4_lm_head_is_int8_unless_asked(checkpoint, prompts, tmp_path):
+    """The lm_head of an int4 model is int8 by default (formats.py); lm_head_bits=4 makes it int4;
+    a version 1 checkpoint (no lm_head_bits in its block) has an int4 lm_head and still loads."""
+    default = quantize(im.Idefics2.from_pretrained(checkpoint), "int4")
+    assert default.lm_head.bits == 8 and default.lm_head.qweight.dtype == torch.int8
+    assert default.lm_head.zeros is None and default.lm_head.scales.dtype == torch.float32
+    assert default.text.layers[0].self_attn.q_proj.bits == 4
+    assert default.quantization.name == "int4, groups of 64, asymmetric, lm_head int8"
+    all4 = quantize(im.Idefics2.from_pretrained(checkpoint), QuantSpec(4, lm_head_bits=4))
+    assert all4.lm_head.bits == 4 and all4.lm_head.group_size == 64
+    assert QuantSpec(4, components=("text",)).name == "int4, groups of 64, asymmetric"
+    theirs = dict(all4.named_buffers())
+    same = [torch.equal(mine, theirs[name]) for name, mine in default.named_buffers() if not name.startswith("lm_head.")]
+    assert same and all(same)  # only the lm_head differs
+    with torch.no_grad():
+        assert not torch.equal(default(prompts), all4(prompts))
+    save_quantized(all4, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization"]["lm_head_bits"] == 4 and config["quantization"]["version"] == 2
+    del config["quantization"]["lm_head_bits"]
+    config["quantization"]["version"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    old = im.Idefics2.from_pretrained(tmp_path)
+    assert old.lm_head.bits == 4
+    with torch.no_grad():
+        assert torch.equal(old(prompts), all4(prompts))
 
 
 def test_streaming_load_in_small_blocks(checkpoint, prompts, monkeypatch):
@@ -433,6 +463,8 @@ def test_spec_errors(checkpoint, tmp_path):
         QuantSpec(8, 64)
     with pytest.raises(QuantizationError, match="components"):
         QuantSpec(8, components=("decoder",))
+    with pytest.raises(QuantizationError, match="lm_head bits must be 8 or 4"):
+        QuantSpec(4, lm_head_bits=2)
     with pytest.raises(QuantizationError, match=r"group size 128 does not divide the input width of \d+ linear"):
         im.Idefics2.from_pretrained(checkpoint, quantize=QuantSpec(4, 128))  # 128-wide rows: the down_proj is 256
     save_quantized(quantize(im.Idefics2.from_pretrained(checkpoint), "int8"), tmp_path)
@@ -462,6 +494,7 @@ def test_quantize_command_and_quantize_on_load_flag(checkpoint, tmp_path, capsys
     (["quantize", "--bits", "3"], "bits must be 8 or 4"),
     (["quantize", "--bits", "4", "--group-size", "100"], "group size must be one of"),
     (["quantize", "--bits", "8", "--group-size", "64"], "per output channel"),
+    (["quantize", "--bits", "4", "--lm-head-bits", "16"], "lm_head bits must be 8 or 4"),
 ])
 def test_quantize_command_errors(argv, fragment, checkpoint, tmp_path, capsys):
     argv = [argv[0], "--weights", str(checkpoint), "--out", str(tmp_path / "out"), *argv[1:]]
@@ -472,6 +505,8 @@ def test_quantize_command_errors(argv, fragment, checkpoint, tmp_path, capsys):
 
 def test_main_command_flag_errors(checkpoint, capsys):
     assert cli.main(["--weights", str(checkpoint), "--group-size", "32", "Hi"]) == 1
-    assert "--group-size goes with --quantize int4" in capsys.readouterr().err
+    assert "--group-size goes with --quantize int8|int4" in capsys.readouterr().err
+    assert cli.main(["--weights", str(checkpoint), "--lm-head-bits", "4", "Hi"]) == 1
+    assert "--lm-head-bits goes with --quantize int8|int4" in capsys.readouterr().err
     assert cli.main(["--weights", str(checkpoint), "--quantize", "int4", "--group-size", "128", "Hi"]) == 1
     assert "does not divide" in capsys.readouterr().err

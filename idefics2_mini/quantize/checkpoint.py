@@ -11,8 +11,12 @@ with an index) in which every quantized linear's `<name>.weight` is replaced by
 `model.text_model.layers.0.self_attn.q_proj`); every other tensor keeps its official name, in a
 float dtype. config.json carries a `quantization` block (formats.QuantSpec.to_config):
 
-    "quantization": {"format": "idefics2_mini.weight_only", "version": 1, "bits": 4,
-                     "group_size": 64, "symmetric": false, "components": ["text", "connector", "lm_head"]}
+    "quantization": {"format": "idefics2_mini.weight_only", "version": 2, "bits": 4,
+                     "group_size": 64, "symmetric": false, "components": ["text", "connector", "lm_head"],
+                     "lm_head_bits": 8}
+
+(an int4 model's lm_head is int8 unless `lm_head_bits` says 4: formats.py; a version 1 block,
+without the key, quantized it with `bits`).
 
 `load_quantized` fills a model built on the meta device from either kind of folder, streaming:
 the model is laid out once in its final, quantized form, then the files are read in blocks of
@@ -58,9 +62,9 @@ def apply_structure(model: nn.Module, spec: QuantSpec, dtype: torch.dtype | None
     for name in names:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attribute)
+        linear, layer = getattr(parent, attribute), spec.for_layer(name)
         setattr(parent, attribute, QuantizedLinear(
-            linear.in_features, linear.out_features, spec.bits, spec.group_for(linear.in_features), spec.symmetric,
+            linear.in_features, linear.out_features, layer.bits, layer.group_for(linear.in_features), layer.symmetric,
             bias=linear.bias is not None, compute_dtype=dtype or linear.weight.dtype, device=linear.weight.device))
     model.quantization = spec
     return names
@@ -190,7 +194,7 @@ def load_quantized(model: nn.Module, path: str | Path, dtype: torch.dtype = torc
                 current = file
             if name in quantize_on_load:
                 layer = model.get_submodule(quantize_on_load[name])
-                layer.set_rows(first, quantize_weight(block, spec))
+                layer.set_rows(first, quantize_weight(block, spec.for_layer(quantize_on_load[name])))
                 continue
             destination = targets[loading.official_to_ours(name)]
             if first == 0 and block.shape == destination.shape:
@@ -203,10 +207,11 @@ def load_quantized(model: nn.Module, path: str | Path, dtype: torch.dtype = torc
             module_name, _, attribute = alias.rpartition(".")
             setattr(model.get_submodule(module_name), attribute, model.get_parameter(name))
         for alias, name in quantize_from_tied.items():  # a tied lm_head: quantized from the embedding
-            layer, source = model.get_submodule(alias.rpartition(".")[0]), model.get_parameter(name)
+            layer_name = alias.rpartition(".")[0]
+            layer, source = model.get_submodule(layer_name), model.get_parameter(name)
             rows = max(1, BLOCK_BYTES // (4 * source.shape[1]))
             for first in range(0, source.shape[0], rows):
-                layer.set_rows(first, quantize_weight(source[first : first + rows], spec))
+                layer.set_rows(first, quantize_weight(source[first : first + rows], spec.for_layer(layer_name)))
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.check()
@@ -273,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="symmetric (no zeros) or asymmetric (default: symmetric for int8, asymmetric for int4)")
     parser.add_argument("--components", default=",".join(QuantSpec(8).components), metavar="LIST",
                         help="comma-separated: text, connector, lm_head, vision (default: text,connector,lm_head)")
+    parser.add_argument("--lm-head-bits", type=int, default=None, metavar="8|4",
+                        help="the lm_head's width when quantized (default 8: an int4 lm_head costs the most "
+                        "accuracy for the fewest bytes)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="dtype of the tensors left in float (embeddings, norms, vision tower; default float32)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write (created; files replaced)")
@@ -297,7 +305,7 @@ def run(args: argparse.Namespace) -> None:
 
     source, out = Path(args.weights), Path(args.out)
     spec = QuantSpec(args.bits, args.group_size, args.symmetric,
-                     tuple(c.strip() for c in args.components.split(",") if c.strip()))
+                     tuple(c.strip() for c in args.components.split(",") if c.strip()), args.lm_head_bits)
     if not source.is_dir():
         raise QuantizationError(f"--weights {source}: no such folder")
     if out.resolve() == source.resolve():

@@ -127,7 +127,8 @@ def checked_linear_names(model: nn.Module, spec: QuantSpec) -> list[str]:
     if not names:
         raise QuantizationError(f"no linear of the model matches the components {spec.components}")
     misfits = [f"{name} ({model.get_submodule(name).in_features} columns)" for name in names
-               if model.get_submodule(name).in_features % spec.group_for(model.get_submodule(name).in_features)]
+               if model.get_submodule(name).in_features
+               % spec.for_layer(name).group_for(model.get_submodule(name).in_features)]
     if misfits:
         raise QuantizationError(
             f"int{spec.bits} group size {spec.group_size} does not divide the input width of {len(misfits)} "
@@ -160,7 +161,7 @@ def quantize(model: nn.Module, bits: int | str | QuantSpec = 8, group_size: int 
         if linear.weight.requires_grad:
             raise QuantizationError(f"{name}.weight requires grad: quantize a model for inference "
                                     "(weight-only quantized layers are not trained)")
-        setattr(parent, attribute, QuantizedLinear.from_linear(linear, spec))
+        setattr(parent, attribute, QuantizedLinear.from_linear(linear, spec.for_layer(name)))
         group = fusion.fused_group(parent)
         if group is not None:
             parent.__dict__.pop(fusion.FUSIBLE[type(parent)][0], None)
