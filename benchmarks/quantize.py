@@ -67,13 +67,16 @@ Parts (each variant in its own fresh process, page cache warm):
             with Gaussian noise as large as int8's per-layer error). This random network is far more
             sensitive than a trained LM (int8 KL ~0.1 nats/token here, ~0.001 for trained 7B LMs), so its
             greedy figures say more about the network than about the quantizer: hence
-  trained   the same measurements (accuracy_against_fp32) on a small LM trained from random init on
-            English text this machine has (benchmarks/trained_lm.py: 256 wide, 4 layers, the standard
-            library's docstrings; trained once, ~minutes, saved under weights/bench/trained-lm, rebuilt
-            when its BUILT marker differs): held-out text teacher-forced (top-1 agreement, KL, NLL
-            difference), greedy continuations (32 tokens) of 24 held-out document openings, the fp32
-            model's confidence, per-layer errors against the uniform-rounding prediction, the noise
-            control; the loss curve as quantize-trained-loss.png beside the report.
+  trained   the same measurements (accuracy_against_fp32) on two small LMs trained from random init on
+            text this machine has (benchmarks/trained_lm.py: 256 wide, 4 layers; one on the standard
+            library's docstrings, weak on held-out prose (top-1 probability ~0.1), one on its source
+            code, where a model this small gets as sure of itself as big LMs are on text; each trained
+            once, ~20-30 min, saved under weights/bench/trained-lm[-code], rebuilt when its BUILT
+            marker differs): held-out text teacher-forced (top-1 agreement, also by fp32's confidence
+            at the position, KL, NLL difference), greedy continuations (32 tokens) of 24 held-out
+            document openings, the fp32 model's confidence, per-layer errors against the
+            uniform-rounding prediction, the noise controls; the loss curves as
+            quantize-trained[-code]-loss.png beside the report.
 
 Results: benchmarks/results/<machine>/quantize.md (+ .json). Other engineers' tests may share the
 CPU while it runs: each decode process records the other processes' CPU use (0% = quiet).
@@ -246,7 +249,9 @@ def build_checkpoint(path: Path, quick: bool) -> None:
 def quantized_checkpoint(source: Path, method: str, group: int | None) -> Path:
     """`python -m idefics2_mini quantize` of the benchmark checkpoint, written once."""
     out = source.with_name(f"{source.name}-{method}" + (f"-g{group}" if group else ""))
-    marker = (source / "BUILT").read_text()
+    from idefics2_mini.quantize.formats import FORMAT_VERSION  # noqa: PLC0415
+
+    marker = (source / "BUILT").read_text() + f" quantization format {FORMAT_VERSION}"
     if (out / "BUILT").is_file() and (out / "BUILT").read_text() == marker:
         return out
     command = [sys.executable, "-m", "idefics2_mini", "quantize", "--weights", str(source), "--bits", method[-1],
@@ -254,6 +259,18 @@ def quantized_checkpoint(source: Path, method: str, group: int | None) -> Path:
     subprocess.run(command, cwd=ROOT, check=True)
     (out / "BUILT").write_text(marker)
     return out
+
+
+def parse_variant(code: str):
+    """"int8", "int4:32" (groups of 32), "int4:64:head4" (the lm_head int4 too) -> a QuantSpec (None for "")."""
+    from idefics2_mini.quantize import QuantSpec  # noqa: PLC0415
+
+    if not code:
+        return None
+    method, _, rest = code.partition(":")
+    group, _, head = rest.partition(":")
+    return QuantSpec.parse(method, int(group) if group else None,
+                           lm_head_bits=int(head.removeprefix("head")) if head else None)
 
 
 def warm(path: Path) -> None:
@@ -334,8 +351,7 @@ def child(spec: dict) -> dict:
     else:
         from idefics2_mini.quantize import QuantSpec  # noqa: PLC0415
 
-        method, _, group = (spec.get("quantize") or "").partition(":")  # "int4:32": groups of 32
-        quantize = QuantSpec.parse(method, int(group) if group else None) if method else None
+        quantize = parse_variant(spec.get("quantize") or "")
         model = im.Idefics2.from_pretrained(spec["checkpoint"], dtype=getattr(torch, spec["dtype"]), quantize=quantize)
 
         def generate(batch, new, stamps=None):
@@ -477,10 +493,11 @@ def run_decode(args, path: Path, inputs: Path, bandwidths: list[float]) -> dict:
     variants = [
         dict(name="ours fp32", dtype="float32", checkpoint=str(path)),
         dict(name="ours bf16", dtype="bfloat16", checkpoint=str(path)),
-        dict(name="ours int8 (quantized while loading fp32 files)", dtype="float32", checkpoint=str(path),
-             quantize="int8"),
-        dict(name="ours int4 g64 (quantized while loading fp32 files)", dtype="float32", checkpoint=str(path),
+        dict(name=INT8_ON_LOAD, dtype="float32", checkpoint=str(path), quantize="int8"),
+        dict(name=INT4_ON_LOAD, dtype="float32", checkpoint=str(path),
              quantize="int4" if not args.quick else "int4:32"),
+        dict(name="ours int4 g64, lm_head int4 too (quantized while loading fp32 files)", dtype="float32",
+             checkpoint=str(path), quantize="int4:64:head4"),
         dict(name="ours int8 (from the int8 checkpoint)", dtype="float32",
              checkpoint=str(quantized_checkpoint(path, "int8", None))),
         dict(name="ours int4 g64 (from the int4 checkpoint)", dtype="float32",
@@ -489,7 +506,7 @@ def run_decode(args, path: Path, inputs: Path, bandwidths: list[float]) -> dict:
              checkpoint=str(quantized_checkpoint(path, "int4", 32))),
     ]
     if args.quick:  # smoke run: one of each kind
-        variants = [variants[0], variants[2], variants[5]]
+        variants = [variants[0], variants[2], variants[6]]
     if not args.no_reference and importlib.util.find_spec("transformers") is not None:
         variants.append(dict(name=REFERENCE, impl="reference", checkpoint=str(path)))
     rounds: dict[str, list[dict]] = {}
@@ -523,6 +540,7 @@ def best_round(results: list[dict]) -> dict:
     return best
 
 
+CONFIDENCE_BINS = (0.0, 0.1, 0.3, 0.5, 1.0)  # fp32 top-1 probability: top-1 agreement per bin (the last closed)
 GREEDY_CHUNK = 8  # prompts per generate call: <= 8 rows, so quantized decode steps run through qmatmul.c
 
 
@@ -568,13 +586,14 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
     ref_nll = torch.nn.functional.cross_entropy(ref_logits[last], targets).item()
     ref_top = ref_logits.topk(2, dim=-1).values
     greedy_top = greedy_logits.softmax(-1).max(-1).values.flatten()
+    ref_confidence = ref_logits.softmax(-1).max(-1).values  # [B*T]
     quartiles = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
     results = {"text_tokens": int(text_ids.numel()), "text_rows": int(text_ids.shape[0]),
                "held_prompts": int(held["input_ids"].shape[0]), "prompt_tokens": int(prompt_len),
                "new_tokens": new, "nll_fp32": ref_nll,
                "fp32_top1_margin_median": (ref_top[:, 0] - ref_top[:, 1]).median().item(),
                "fp32_logit_std": ref_logits.std().item(),
-               "fp32_top1_prob_text_quantiles": ref_logits.softmax(-1).max(-1).values.quantile(quartiles).tolist(),
+               "fp32_top1_prob_text_quantiles": ref_confidence.quantile(quartiles).tolist(),
                "fp32_top1_prob_greedy_quantiles": greedy_top.quantile(quartiles).tolist(),
                "fp32_text_top1_accuracy": (ref_logits[last].argmax(-1) == targets).float().mean().item(),
                # how repetitive fp32's own greedy text is (a weak model loops: then greedy agreement is easy)
@@ -593,7 +612,13 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
         nll = torch.nn.functional.cross_entropy(logits[last], targets).item()
         kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True,
                                         reduction="batchmean").item()
-        v = dict(top1_agreement=(logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
+        agree = logits.argmax(-1) == ref_logits.argmax(-1)
+        by_confidence = []  # where the flips are: by fp32's own top-1 probability at the position
+        for low, high in zip(CONFIDENCE_BINS[:-1], CONFIDENCE_BINS[1:]):
+            chosen = (ref_confidence >= low) & ((ref_confidence < high) | (high == CONFIDENCE_BINS[-1]))
+            by_confidence.append(dict(low=low, high=high, positions=int(chosen.sum()),
+                                      agreement=agree[chosen].float().mean().item() if chosen.any() else None))
+        v = dict(top1_agreement=agree.float().mean().item(), top1_agreement_by_confidence=by_confidence,
                  nll=nll, nll_diff=nll - ref_nll, kl=kl,
                  greedy_identical=sum(p == new for p in same_prefix), greedy_first_token=sum(p > 0 for p in same_prefix),
                  greedy_tokens_agreeing=(mine == theirs).float().mean().item(), greedy_prefix=same_prefix,
@@ -652,29 +677,33 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
         if matched not in results["variants"]:
             continue
         # Control: the fp32 model with Gaussian noise in the same linears, as large (relative
-        # Frobenius norm, per weight) as a variant's mean per-layer output error. If it moves
-        # top-1 and greedy as much as that variant does, that is the network's sensitivity to
-        # any perturbation of that size, not a flaw of the quantizer.
-        rel = statistics.mean(results["variants"][matched]["layer_error"].values())
-        log(f"  fp32 + noise ({100 * rel:.2f}%, {matched}'s layer error):")
+        # Frobenius norm, per weight) as the variant's mean output error on layers of that kind
+        # (an int4 model's int8 lm_head gets int8-sized noise). If it moves top-1 and greedy as
+        # much as that variant does, that is the network's sensitivity to any perturbation of
+        # that size, not a flaw of the quantizer.
+        by_kind = results["variants"][matched]["layer_error"]
+        label = f"fp32 + noise ({matched}'s layer errors, mean {100 * statistics.mean(by_kind.values()):.2f}%)"
+        log(f"  {label}:")
         model = im.Idefics2.from_pretrained(path, mmap=False)
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for layer_name in quantized_linear_names(model, dict(specs)[matched]):
                 weight = model.get_submodule(layer_name).weight  # in place: fused groups hold views of it
                 noise = torch.randn(weight.shape, generator=generator)
-                weight.add_(noise * (rel * weight.norm() / noise.norm()))
+                rel = by_kind.get(kind_of(layer_name))  # None: a layer the text never ran (the connector)
+                if rel is not None:
+                    weight.add_(noise * (rel * weight.norm() / noise.norm()))
             logits = model(text_ids).float()
-        results["variants"][f"fp32 + noise ({100 * rel:.2f}%, {matched}'s layer error)"] = dict(
-            spec=None, **compare(model, logits), layer_error={"all": rel})
+        results["variants"][label] = dict(spec=None, **compare(model, logits), layer_error=dict(by_kind))
         del model
     return results
 
 
-# The variants whose layer error sizes a noise control (accuracy_against_fp32's `control`).
-CONTROLS = ("int8", "int4 g64")
+# The variants whose layer errors size a noise control (accuracy_against_fp32's `control`).
+CONTROLS = ("int8", "int4 g64", "int4 g64, lm_head int4")
+# name: bits[:group[:sym | :headN]] (an int4 model's lm_head is int8 unless headN says otherwise)
 ACCURACY_SPECS = [("int8", "8"), ("int4 g128", "4:128"), ("int4 g64", "4:64"), ("int4 g32", "4:32"),
-                  ("int4 g64 symmetric", "4:64:sym")]
+                  ("int4 g64 symmetric", "4:64:sym"), ("int4 g64, lm_head int4", "4:64:head4")]
 
 
 def specs_of(names, components: tuple[str, ...] | None = None) -> list:
@@ -685,9 +714,9 @@ def specs_of(names, components: tuple[str, ...] | None = None) -> list:
     for name, code in ACCURACY_SPECS:
         if name in names:
             bits, _, rest = code.partition(":")
-            group, _, sym = rest.partition(":")
-            out.append((name, QuantSpec(int(bits), int(group) if group else None, symmetric=True if sym else None,
-                                        **options)))
+            group, _, option = rest.partition(":")
+            out.append((name, QuantSpec(int(bits), int(group) if group else None, symmetric=True if option == "sym" else None,
+                                        lm_head_bits=int(option[4:]) if option.startswith("head") else None, **options)))
     return out
 
 
@@ -703,14 +732,17 @@ def run_accuracy(path: Path, quick: bool) -> dict:
                                  log=lambda m: print(m, flush=True))
 
 
-def run_trained(weights: Path, quick: bool, plot_dir: Path | None) -> dict:
-    """Quantized models against the fp32 *trained* small LM (benchmarks/trained_lm.py, built
-    if missing): held-out stdlib docstrings teacher-forced (TRAINED_TEXT_ROWS windows of the
-    training length), greedy continuations of TRAINED_PROMPTS held-out document openings."""
+TRAINED_MODELS = ("full", "code")  # trained_lm.SIZES: the same model trained on docstrings, on source code
+
+
+def run_trained(weights: Path, size: str, plot_dir: Path | None) -> dict:
+    """Quantized models against the fp32 *trained* small LM of `size` (benchmarks/trained_lm.py,
+    built if missing): held-out text of its corpus teacher-forced (TRAINED_SHAPE[0] windows of the
+    training length), greedy continuations of TRAINED_SHAPE[1] held-out document openings."""
     from benchmarks import trained_lm  # noqa: PLC0415
 
-    size = "quick" if quick else "full"
-    path = weights / f"trained-lm{'-quick' if quick else ''}"
+    quick = size == "quick"
+    path = weights / trained_lm.checkpoint_name(size)
     log = lambda m: print(m, flush=True)  # noqa: E731
     history = trained_lm.build(path, size, log=log)
     _, held_docs, _ = trained_lm.corpus(size)
@@ -731,7 +763,8 @@ def run_trained(weights: Path, quick: bool, plot_dir: Path | None) -> dict:
     results["checkpoint"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
     if plot_dir is not None:
         plot_dir.mkdir(parents=True, exist_ok=True)
-        results["loss_curve"] = trained_lm.plot(history, plot_dir / "quantize-trained-loss.png").name
+        curve = "quantize-trained-loss.png" if size in ("full", "quick") else f"quantize-trained-{size}-loss.png"
+        results["loss_curve"] = trained_lm.plot(history, plot_dir / curve).name
     return results
 
 
@@ -765,12 +798,14 @@ def targets(decode, accuracy, bandwidth: float, trained=None) -> list[tuple[str,
             rows.append((f"{label} load from fp32 files: peak memory / the quantized model", "<= 1.2",
                          f"{peak:.2f} ({decode[name]['load_peak_above_base_mib']:,.0f} / "
                          f"{decode[name]['model_mib']:,.0f} MiB)", peak <= 1.2))
-    for data, which in ((trained, "trained 256-wide LM, held-out stdlib docstrings"),
-                        (accuracy, "random 8B-wide checkpoint, realistic-statistics weights")):
+    checked = [(data, f"trained {data['training']['hyper']['hidden']}-wide LM, held-out "
+                      + TRAINED_CORPORA[data["training"]["hyper"].get("corpus", "docstrings")][0])
+               for data in (trained or {}).values()]
+    for data, which in (*checked, (accuracy, "random 8B-wide checkpoint, realistic-statistics weights")):
         if not data:
             continue
         n = data["held_prompts"]
-        for name in ("int8", "int4 g64"):
+        for name in ("int8", "int4 g64", "int4 g64, lm_head int4"):
             if name in data["variants"]:
                 v = data["variants"][name]
                 rows.append((f"{name} ({which}): held prompts whose {data['new_tokens']} greedy tokens all equal "
@@ -801,9 +836,21 @@ def accuracy_lines(accuracy: dict, network: str) -> list[str]:
                      f"{100 * v['greedy_tokens_agreeing']:.0f}% |")
     if any(not v.get("spec") for v in accuracy["variants"].values()):
         lines += ["", "The `fp32 + noise` rows are controls: the fp32 model with Gaussian noise added to the same "
-                  "linears' weights, as large (relative Frobenius norm) as the named variant's mean per-layer error. "
+                  "linears' weights, as large (relative Frobenius norm) as the named variant's mean output error on layers "
+                  "of that kind (the mean over kinds in the name). "
                   "Where one moves top-1 and greedy as much as its variant, the changes are "
                   f"{network}'s sensitivity to any perturbation of that size, not the quantizer's doing."]
+    bins = next((v["top1_agreement_by_confidence"] for v in accuracy["variants"].values()
+                 if "top1_agreement_by_confidence" in v), None)
+    if bins:
+        lines += ["", "Where the top-1 flips are: top-1 agreement on the teacher-forced text by how sure fp32 was "
+                  "(its top-1 probability at the position; positions per bin in the header):", "",
+                  "| variant | " + " | ".join(f"p {b['low']:.1f}-{b['high']:.1f} ({b['positions']})" for b in bins) + " |",
+                  "|---|" + "---:|" * len(bins)]
+        for name, v in accuracy["variants"].items():
+            cells = [("-" if b["agreement"] is None else f"{100 * b['agreement']:.1f}%")
+                     for b in v.get("top1_agreement_by_confidence", [])]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     quantized = {name: v for name, v in accuracy["variants"].items() if v.get("spec")}
     kinds = sorted({k for v in quantized.values() for k in v["layer_error"]})
     lines += ["", "Per-layer output error (relative Frobenius norm of y_quantized - x W_fp32^T on the layer's own "
@@ -827,14 +874,22 @@ def accuracy_lines(accuracy: dict, network: str) -> list[str]:
     return lines
 
 
+# trained_lm.SIZES' "corpus": (what the targets call it, what the report says it is)
+TRAINED_CORPORA = {
+    "docstrings": ("stdlib docstrings", "the docstrings of Python {python}'s standard library and its help topics"),
+    "source": ("stdlib source", "the module-level functions and classes of Python {python}'s standard library (source)"),
+}
+
+
 def trained_lines(trained: dict) -> list[str]:
     t = trained["training"]
     h = t["hyper"]
-    lines = ["## Accuracy against ours fp32 (a trained small LM)", "",
+    short, text = TRAINED_CORPORA[h.get("corpus", "docstrings")]
+    lines = [f"## Accuracy against ours fp32 (a trained small LM: {short})", "",
              f"`{trained['checkpoint']}`, built by `benchmarks/trained_lm.py` (its docstring): decoder "
              f"{h['hidden']} wide, {h['layers']} layers, SwiGLU {h['intermediate']}, {h['heads']} / {h['kv_heads']} heads "
-             f"x {h['head_dim']}, vocab 32003, trained from random init on the docstrings of Python "
-             f"{t['python']}'s standard library and its help topics ({t['train_tokens']:,} tokens of "
+             f"x {h['head_dim']}, vocab 32003, trained from random init on {text.format(python=t['python'])} "
+             f"({t['train_tokens']:,} tokens of "
              f"{t['train_documents']} documents; corpus sha256 {t['corpus_sha256'][:12]}), {h['steps']} steps of "
              f"{h['batch']} x {h['seq']} tokens ({t['tokens']:,} tokens), AdamW, cosine lr from {h['lr']:g}, "
              f"{t['seconds'] / 60:.1f} min wall-clock on {t['threads']} thread(s). Held-out loss (documents of "
@@ -901,8 +956,8 @@ def write_report(out_dir: Path, info: dict, args, bandwidth: float, bandwidths: 
                   f"Teacher-forced on a {accuracy['text_tokens']}-token text; greedy: {accuracy['held_prompts']} "
                   f"held prompts x {accuracy['new_tokens']} new tokens (left-padded, {GREEDY_CHUNK} a batch).", ""]
         lines += accuracy_lines(accuracy, "this random 2-layer network")
-    if trained:
-        lines += trained_lines(trained)
+    for one in (trained or {}).values():
+        lines += trained_lines(one)
     (out_dir / "quantize.md").write_text("\n".join(lines))
     (out_dir / "quantize.json").write_text(json.dumps(dict(
         info=info, bandwidth_gbs=bandwidth, bandwidth_samples_gbs=bandwidths, ops=ops, decode=decode,
@@ -958,8 +1013,12 @@ def main() -> None:
         bandwidth = previous.get("bandwidth_gbs") if decode else statistics.median(bandwidths)
         bandwidths = previous.get("bandwidth_samples_gbs", [bandwidth]) if decode else bandwidths
     accuracy = run_accuracy(path, args.quick) if "accuracy" in parts else previous.get("accuracy")
-    trained = run_trained(Path(args.weights), args.quick, out_dir if args.out or not args.quick else None) \
-        if "trained" in parts else previous.get("trained")
+    if "trained" in parts:
+        trained = {size: run_trained(Path(args.weights), size, out_dir if args.out or not args.quick else None)
+                   for size in (("quick",) if args.quick else TRAINED_MODELS)}
+    else:
+        trained = previous.get("trained")
+        trained = {"full": trained} if trained and "variants" in trained else trained  # written before "code"
     if args.quick and not args.out:
         return
     write_report(out_dir, info, args, bandwidth, bandwidths, ops, decode, accuracy, path, trained)

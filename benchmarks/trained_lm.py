@@ -61,6 +61,10 @@ HELD_OUT_ONE_IN = 10
 SIZES = {
     "full": dict(hidden=256, intermediate=768, layers=4, heads=8, kv_heads=2, head_dim=32,
                  seq=128, batch=8, steps=480, lr=3e-3, warmup=10, eval_every=10, eval_windows=16),
+    # the same model on Python source (module-level functions and classes): code is far more
+    # predictable than prose, so a model this small becomes as confident as a large LM is on text
+    "code": dict(hidden=256, intermediate=768, layers=4, heads=8, kv_heads=2, head_dim=32, corpus="source",
+                 seq=128, batch=8, steps=720, lr=3e-3, warmup=10, eval_every=10, eval_windows=16),
     "quick": dict(hidden=64, intermediate=192, layers=2, heads=2, kv_heads=1, head_dim=32,
                   seq=64, batch=4, steps=24, lr=1e-2, warmup=4, eval_every=8, eval_windows=2),
 }
@@ -73,29 +77,53 @@ def _held_out(key: str) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest(), 16) % HELD_OUT_ONE_IN == 0
 
 
-@functools.lru_cache(maxsize=2)
+def _library_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.py")
+                  if not any(part in SKIP_PARTS or part.startswith("test") for part in p.relative_to(root).parts))
+
+
+def _docstrings(source: str) -> list[str]:
+    tree = ast.parse(source)
+    docs = [ast.get_docstring(node) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    return [d for d in docs if d and len(d) > 80]
+
+
+def _definitions(source: str) -> list[str]:
+    """The source of each module-level function and class (with its decorators)."""
+    lines = source.splitlines(keepends=True)
+    out = []
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            text = "".join(lines[first - 1 : node.end_lineno]).rstrip()
+            if len(text) > 80:
+                out.append(text)
+    return out
+
+
+@functools.lru_cache(maxsize=3)
 def corpus(size: str = "full") -> tuple[list[str], list[str], str]:
     """(training documents, held-out documents, SHA-256 of both): see the module docstring. The
     quick size (the tests) takes the help topics only (no parse of the whole library)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [] if size == "quick" else sorted(p for p in root.rglob("*.py")
-                   if not any(part in SKIP_PARTS or part.startswith("test") for part in p.relative_to(root).parts))
+    source = SIZES[size].get("corpus") == "source"
+    split = _definitions if source else _docstrings
     train, held = [], []
-    for file in files:
+    for file in [] if size == "quick" else _library_files(root):
         try:
-            tree = ast.parse(file.read_text(encoding="utf-8"))
+            docs = split(file.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        docs = [ast.get_docstring(node) for node in ast.walk(tree)
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
         key = str(file.relative_to(root))
-        (held if _held_out(key) else train).extend(d for d in docs if d and len(d) > 80)
-    try:
-        from pydoc_data.topics import topics  # noqa: PLC0415
-    except ImportError:
-        topics = {}
-    for key in sorted(topics):
-        (held if _held_out("topic:" + key) else train).append(topics[key].strip())
+        (held if _held_out(key) else train).extend(docs)
+    if not source:
+        try:
+            from pydoc_data.topics import topics  # noqa: PLC0415
+        except ImportError:
+            topics = {}
+        for key in sorted(topics):
+            (held if _held_out("topic:" + key) else train).append(topics[key].strip())
     digest = hashlib.sha256("\x00".join(train + ["\x01"] + held).encode()).hexdigest()
     return train, held, digest
 
@@ -217,6 +245,11 @@ def marker(size: str) -> str:
         f" {VERSION} {corpus(size)[2]}"
 
 
+def checkpoint_name(size: str) -> str:
+    """The folder under weights/bench/ of the model of `size`."""
+    return "trained-lm" if size == "full" else f"trained-lm-{size}"
+
+
 def build(path: Path, size: str, log=print) -> dict:
     """Train and save the checkpoint at `path` unless its BUILT marker matches; returns the
     training history (training.json)."""
@@ -254,13 +287,15 @@ def plot(history: dict, file: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full",
+                        help="full: docstrings; code: Python source; quick: the tests' tiny one")
+    parser.add_argument("--quick", action="store_true", help="the same as --size quick")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--weights", default=str(ROOT / "weights" / "bench"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    size = "quick" if args.quick else "full"
-    build(Path(args.weights) / f"trained-lm{'-quick' if args.quick else ''}", size,
+    size = "quick" if args.quick else args.size
+    build(Path(args.weights) / checkpoint_name(size), size,
           log=lambda m: print(m, flush=True))
 
 

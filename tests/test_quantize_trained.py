@@ -37,9 +37,9 @@ def test_trained_part_of_the_quantize_benchmark_quick(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / "quantize.md").read_text()
-    assert "## Accuracy against ours fp32 (a trained small LM)" in report
+    assert "## Accuracy against ours fp32 (a trained small LM: stdlib docstrings)" in report
     assert (out / "quantize-trained-loss.png").stat().st_size > 1000
-    data = json.loads((out / "quantize.json").read_text())["trained"]
+    data = json.loads((out / "quantize.json").read_text())["trained"]["quick"]
     training = data["training"]
     assert training["eval_loss"][-1] < training["eval_loss"][0] - 2  # it learned something (10.4 -> ~7)
     variants = data["variants"]
@@ -47,6 +47,8 @@ def test_trained_part_of_the_quantize_benchmark_quick(tmp_path):
     int8, int4 = variants["int8"], variants["int4 g32"]
     assert int8["top1_agreement"] >= 0.95 and int8["kl"] < 1e-3
     assert 0 <= int4["kl"] < 0.1 and int4["top1_agreement"] >= 0.8
+    bins = int4["top1_agreement_by_confidence"]  # every position in one bin of fp32's confidence
+    assert sum(b["positions"] for b in bins) == data["text_tokens"] and "Where the top-1 flips are" in report
     for v in (int8, int4):
         for kind, error in v["weight_error"].items():
             assert error == pytest.approx(v["weight_error_predicted"][kind], rel=0.1), kind
