@@ -86,7 +86,7 @@ IMPLS = ("ours", "reference", "ours_compiled", "reference_compiled", "ours_int8"
 # The quantized variants (decode, load and memory only) load the same fp32 files quantized on the way
 # (idefics2_mini/quantize/; benchmarks/quantize.py measures them in depth, accuracy included):
 #   ours_int8           from_pretrained(quantize="int8"): per-channel int8 decoder, connector, lm_head
-#   ours_int4           from_pretrained(quantize="int4"): group-wise int4 (groups of 64, asymmetric)
+#   ours_int4           from_pretrained(quantize="int4"): group-wise int4 (groups of 64, asymmetric; lm_head int8)
 #                       (it compiles automatically on GPUs; on a CPU `_compile_all_devices` asks it to)
 
 

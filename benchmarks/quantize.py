@@ -545,9 +545,10 @@ GREEDY_CHUNK = 8  # prompts per generate call: <= 8 rows, so quantized decode st
 
 
 def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: int, specs: list, control: bool,
-                          log=print) -> dict:
-    """The quantized models of `specs` ([(name, QuantSpec)], each loaded from the fp32 checkpoint
-    at `path`, quantized while loading) against that fp32 model, same inputs; shared by the
+                          log=print, calibration: torch.Tensor | None = None) -> dict:
+    """The quantized models of `specs` ([(name, QuantSpec, method)], each loaded from the fp32
+    checkpoint at `path`: "rtn" quantized while loading, "gptq" loaded float and quantized by
+    quantize_gptq on `calibration` [B, T]) against that fp32 model, same inputs; shared by the
     `accuracy` (wide random checkpoint) and `trained` (trained small LM) parts.
 
     text_ids [B, T]: teacher-forced text (every position of every row counts); held: prompts
@@ -561,7 +562,7 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
     x W_deq^T. `control`: the fp32 model with Gaussian noise as large as int8's output error,
     and again as large as int4 g64's (CONTROLS)."""
     import idefics2_mini as im  # noqa: PLC0415
-    from idefics2_mini.quantize import QuantizedLinear, quantized_linear_names  # noqa: PLC0415
+    from idefics2_mini.quantize import QuantizedLinear, quantize_gptq, quantized_linear_names  # noqa: PLC0415
 
     reference = im.Idefics2.from_pretrained(path)
     prompt_len = held["input_ids"].shape[1]
@@ -632,9 +633,12 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
         last_part = layer_name.split(".")[-1]
         return last_part if layer_name.startswith("text.") or layer_name == "lm_head" else "connector." + last_part
 
-    for name, spec in specs:
+    for name, spec, method in specs:
         log(f"  {name}:")
-        model = im.Idefics2.from_pretrained(path, quantize=spec)
+        if method == "gptq":
+            model = quantize_gptq(im.Idefics2.from_pretrained(path, mmap=False), spec, calibration)
+        else:
+            model = im.Idefics2.from_pretrained(path, quantize=spec)
         errors: dict[str, list[float]] = {}
         weight_errors: dict[str, list[tuple[float, float]]] = {}
         kernel_errors: list[float] = []
@@ -664,7 +668,7 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
         for hook in hooks:
             hook.remove()
         results["variants"][name] = dict(
-            spec=spec.to_config(), **compare(model, logits),
+            spec=spec.to_config(), method=method, **compare(model, logits),
             layer_error={kind: statistics.mean(v) for kind, v in sorted(errors.items())},
             weight_error={kind: statistics.mean(w for w, _ in v) for kind, v in sorted(weight_errors.items())},
             weight_error_predicted={kind: statistics.mean(p for _, p in v) for kind, v in sorted(weight_errors.items())},
@@ -687,7 +691,7 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
         model = im.Idefics2.from_pretrained(path, mmap=False)
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            for layer_name in quantized_linear_names(model, dict(specs)[matched]):
+            for layer_name in quantized_linear_names(model, next(spec for n, spec, _ in specs if n == matched)):
                 weight = model.get_submodule(layer_name).weight  # in place: fused groups hold views of it
                 noise = torch.randn(weight.shape, generator=generator)
                 rel = by_kind.get(kind_of(layer_name))  # None: a layer the text never ran (the connector)
@@ -700,10 +704,12 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
 
 
 # The variants whose layer errors size a noise control (accuracy_against_fp32's `control`).
-CONTROLS = ("int8", "int4 g64", "int4 g64, lm_head int4")
-# name: bits[:group[:sym | :headN]] (an int4 model's lm_head is int8 unless headN says otherwise)
+CONTROLS = ("int8", "int4 g64", "int4 g64, lm_head int4", "int4 g64 GPTQ")
+# name: bits[:group[:sym | :headN | :gptq]] (an int4 model's lm_head is int8 unless headN says
+# otherwise; gptq: the integers chosen by GPTQ on calibration text, the rest rounded to nearest)
 ACCURACY_SPECS = [("int8", "8"), ("int4 g128", "4:128"), ("int4 g64", "4:64"), ("int4 g32", "4:32"),
-                  ("int4 g64 symmetric", "4:64:sym"), ("int4 g64, lm_head int4", "4:64:head4")]
+                  ("int4 g64 symmetric", "4:64:sym"), ("int4 g64, lm_head int4", "4:64:head4"),
+                  ("int4 g128 GPTQ", "4:128:gptq"), ("int4 g64 GPTQ", "4:64:gptq"), ("int4 g32 GPTQ", "4:32:gptq")]
 
 
 def specs_of(names, components: tuple[str, ...] | None = None) -> list:
@@ -716,7 +722,8 @@ def specs_of(names, components: tuple[str, ...] | None = None) -> list:
             bits, _, rest = code.partition(":")
             group, _, option = rest.partition(":")
             out.append((name, QuantSpec(int(bits), int(group) if group else None, symmetric=True if option == "sym" else None,
-                                        lm_head_bits=int(option[4:]) if option.startswith("head") else None, **options)))
+                                        lm_head_bits=int(option[4:]) if option.startswith("head") else None, **options),
+                        "gptq" if option == "gptq" else "rtn"))
     return out
 
 
@@ -727,7 +734,8 @@ def run_accuracy(path: Path, quick: bool) -> dict:
     processor = Idefics2Processor.from_pretrained(None)
     text_ids = processor(text=TEXT)["input_ids"]
     held = processor(text=HELD_PROMPTS[:4] if quick else HELD_PROMPTS)
-    names = ["int8", "int4 g32"] if quick else [n for n, _ in ACCURACY_SPECS]  # the tiny widths fit groups of 32 only
+    # the tiny widths fit groups of 32 only; GPTQ: on the trained models (here the text is random weights')
+    names = ["int8", "int4 g32"] if quick else [n for n, code in ACCURACY_SPECS if not code.endswith("gptq")]
     return accuracy_against_fp32(path, text_ids, held, 4 if quick else 24, specs_of(names), control=not quick,
                                  log=lambda m: print(m, flush=True))
 
@@ -754,10 +762,15 @@ def run_trained(weights: Path, size: str, plot_dir: Path | None) -> dict:
     openings = [ids for ids in (trained_lm.token_stream([d])[: prompt_len] for d in held_docs) if len(ids) == prompt_len]
     picked = torch.stack([openings[i] for i in torch.linspace(0, len(openings) - 1, prompts).long().tolist()])
     held = {"input_ids": picked, "attention_mask": torch.ones_like(picked)}
-    names = ["int8", "int4 g32"] if quick else [n for n, _ in ACCURACY_SPECS]
+    names = ["int8", "int4 g32", "int4 g32 GPTQ"] if quick else [n for n, _ in ACCURACY_SPECS]
+    # GPTQ's calibration: windows of the training text (never the held-out text it is judged on)
+    train_docs, _, _ = trained_lm.corpus(size)
+    calibration = trained_lm.held_windows(trained_lm.token_stream(train_docs), *TRAINED_CALIBRATION[quick])
     # text only: the decoder's linears and the lm_head (its tiny connector, unused, is 64 wide)
     results = accuracy_against_fp32(path, text_ids, held, new, specs_of(names, ("text", "lm_head")), control=True,
-                                    log=log)
+                                    log=log, calibration=calibration)
+    results["calibration"] = dict(windows=int(calibration.shape[0]), tokens=int(calibration.numel()),
+                                  source="training text")
     results["training"] = {k: v for k, v in history.items() if k not in ("step", "loss", "eval_step")}
     results["training"]["final_train_loss_mean_last_20"] = statistics.mean(history["loss"][-20:])
     results["checkpoint"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
@@ -769,6 +782,7 @@ def run_trained(weights: Path, size: str, plot_dir: Path | None) -> dict:
 
 
 TRAINED_SHAPE = (32, 24, 32, 32)  # teacher-forced windows, prompts, prompt tokens (with BOS), new tokens
+TRAINED_CALIBRATION = {False: (64, 128), True: (4, 64)}  # GPTQ: windows x tokens of training text (full, quick)
 
 
 
@@ -805,7 +819,7 @@ def targets(decode, accuracy, bandwidth: float, trained=None) -> list[tuple[str,
         if not data:
             continue
         n = data["held_prompts"]
-        for name in ("int8", "int4 g64", "int4 g64, lm_head int4"):
+        for name in ("int8", "int4 g64", "int4 g64, lm_head int4", "int4 g64 GPTQ"):
             if name in data["variants"]:
                 v = data["variants"][name]
                 rows.append((f"{name} ({which}): held prompts whose {data['new_tokens']} greedy tokens all equal "
@@ -863,7 +877,8 @@ def accuracy_lines(accuracy: dict, network: str) -> list[str]:
         lines += ["", "Weight error ||W_deq - W|| / ||W|| (mean over the quantized linears) beside what uniform "
                   "rounding predicts from the stored scales (each weight off by U(-s/2, s/2): sqrt(sum s^2 G / 12) / "
                   "||W||), and the kernel's decode-sized output (<= 8 rows through QuantizedLinear) against "
-                  "x W_deq^T: a wrong dequantization would show in either.", "",
+                  "x W_deq^T: a wrong dequantization would show in either (GPTQ's weight error is above the prediction "
+                  "by design: it gives up weight error for output error on its calibration inputs).", "",
                   "| variant | weight error | uniform-rounding prediction | kernel vs x W_deq^T (max) |",
                   "|---|---:|---:|---:|"]
         for name, v in quantized.items():
@@ -899,7 +914,10 @@ def trained_lines(trained: dict) -> list[str]:
              f"Teacher-forced on {trained['text_rows']} held-out windows ({trained['text_tokens']:,} tokens; fp32 "
              f"predicts the next token {100 * trained['fp32_text_top1_accuracy']:.1f}% of the time); greedy: "
              f"{trained['held_prompts']} held-out document openings of {trained['prompt_tokens']} tokens x "
-             f"{trained['new_tokens']} new tokens ({GREEDY_CHUNK} a batch: the decode steps run through qmatmul.c).",
+             f"{trained['new_tokens']} new tokens ({GREEDY_CHUNK} a batch: the decode steps run through qmatmul.c)."
+             + (f" GPTQ variants: calibrated on {trained['calibration']['windows']} windows "
+                f"({trained['calibration']['tokens']:,} tokens) of the training text (idefics2_mini/quantize/gptq.py: "
+                "the same format and kernels, other integers)." if trained.get("calibration") else ""),
              ""]
     return lines + accuracy_lines(trained, "this trained model")
 

@@ -48,6 +48,7 @@ from .linear import QuantizedLinear, checked_linear_names
 
 QUANTIZED_SUFFIXES = (".qweight", ".scales", ".zeros")
 BLOCK_BYTES = 16 * 2**20  # rows of a stored tensor read (and quantized) at once
+CALIBRATION_WINDOWS, CALIBRATION_LENGTH = 128, 512  # `quantize --calibration`: the GPTQ paper's 128 x 2048, shorter
 
 
 def stored_spec(config: Idefics2Config) -> QuantSpec | None:
@@ -257,6 +258,9 @@ def save_quantized(model: nn.Module, path: str | Path, max_shard_bytes: int | No
     loading.write_safetensors(tensors, path, max_shard_bytes)
     config = model.config.to_dict()
     config["quantization"] = spec.to_config()
+    info = getattr(model, "quantization_info", None)  # how the integers were chosen (gptq.py); not read back
+    if info:
+        config["quantization"]["how"] = info
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -281,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lm-head-bits", type=int, default=None, metavar="8|4",
                         help="the lm_head's width when quantized (default 8: an int4 lm_head costs the most "
                         "accuracy for the fewest bytes)")
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help="a UTF-8 text file like what the model will read: the integers are then chosen by "
+                        "GPTQ on it (fewer flipped tokens than rounding to nearest, same format and speed; holds the "
+                        "float model in memory, in --dtype, and runs it over the text once per few layers)")
+    parser.add_argument("--calibration-windows", type=int, default=None, metavar="N",
+                        help=f"with --calibration: windows of the text to run (default {CALIBRATION_WINDOWS})")
+    parser.add_argument("--calibration-length", type=int, default=None, metavar="T",
+                        help=f"with --calibration: tokens per window (default {CALIBRATION_LENGTH})")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="dtype of the tensors left in float (embeddings, norms, vision tower; default float32)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write (created; files replaced)")
@@ -315,14 +327,45 @@ def run(args: argparse.Namespace) -> None:
         raise QuantizationError(f"{source} is already quantized ({stored_spec(config).name}); quantize the float "
                                 "checkpoint")
     start = time.perf_counter()
-    print(f"quantizing {source} to {spec.name} ...", file=sys.stderr, flush=True)
-    model = Idefics2.from_pretrained(source, dtype=getattr(torch, args.dtype), quantize=spec, backends=False)
+    dtype = getattr(torch, args.dtype)
+    if args.calibration is None:
+        if args.calibration_windows is not None or args.calibration_length is not None:
+            raise QuantizationError("--calibration-windows / --calibration-length go with --calibration FILE")
+        print(f"quantizing {source} to {spec.name} ...", file=sys.stderr, flush=True)
+        model = Idefics2.from_pretrained(source, dtype=dtype, quantize=spec, backends=False)
+    else:
+        model = _quantize_gptq(source, spec, dtype, args)
     save_quantized(model, out, max_shard_bytes=int(args.max_shard_gb * 2**30))
     copied = _copy_side_files(source, out)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     before = sum(f.stat().st_size for f in source.glob("*.safetensors"))
     print(f"wrote {out}: {size / 1e9:.2f} GB (from {before / 1e9:.2f} GB) in {time.perf_counter() - start:.1f} s"
           + (f"; copied {', '.join(copied)}" if copied else ""), file=sys.stderr)
+
+
+def _quantize_gptq(source: Path, spec: QuantSpec, dtype: torch.dtype, args: argparse.Namespace) -> nn.Module:
+    """--calibration: the float model loaded, its integers chosen by GPTQ on the text (gptq.py)."""
+    from ..model import Idefics2  # noqa: PLC0415
+    from ..tokenizer import Idefics2Tokenizer  # noqa: PLC0415
+    from .gptq import calibration_windows, quantize_gptq  # noqa: PLC0415
+
+    file = Path(args.calibration)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise QuantizationError(f"--calibration {file}: no such file") from err
+    except UnicodeDecodeError as err:
+        raise QuantizationError(f"--calibration {file}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    tokenizer = Idefics2Tokenizer.from_pretrained(source)
+    asked = CALIBRATION_WINDOWS if args.calibration_windows is None else args.calibration_windows
+    length = CALIBRATION_LENGTH if args.calibration_length is None else args.calibration_length
+    windows = calibration_windows(tokenizer.encode(text, add_bos=False), asked, length, tokenizer.bos_token_id)
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    say(f"quantizing {source} to {spec.name} with GPTQ: {windows.shape[0]} calibration windows of "
+        f"{windows.shape[1]} tokens from {file}" + (f" (the text holds no more than {windows.shape[0]}; "
+        f"{asked} were asked for)" if windows.shape[0] < asked else "") + " ...")
+    model = Idefics2.from_pretrained(source, dtype=dtype, backends=False)
+    return quantize_gptq(model, spec, windows, log=say)
 
 
 def _copy_side_files(source: Path, out: Path) -> list[str]:

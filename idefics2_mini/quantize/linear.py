@@ -16,6 +16,8 @@ replaced) leave it alone; quantize/fusion.py fuses quantized groups instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -23,7 +25,7 @@ from kernels.dispatch import use_triton
 from kernels.dequant_matmul import check_format, dequantize_reference, quantized_matmul
 
 from . import cpu
-from .formats import QuantizationError, QuantSpec, quantize_weight
+from .formats import QuantizationError, QuantizedWeight, QuantSpec, quantize_weight
 
 # Rows of a weight quantized at once (quantize_weight's temporaries are a few times this many
 # fp32 elements), so quantizing a model in place never holds a second full-size weight.
@@ -54,17 +56,23 @@ class QuantizedLinear(nn.Module):
         self.compute_dtype = compute_dtype
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> QuantizedLinear:
-        """Quantize `linear`'s weight (in blocks of rows; the linear is left as it was)."""
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, quantized: QuantizedWeight | None = None
+                    ) -> QuantizedLinear:
+        """`linear` quantized (the linear is left as it was): its weight rounded to nearest, in
+        blocks of rows, or `quantized` if given (the whole weight, e.g. from gptq.py)."""
         weight = linear.weight
         module = cls(linear.in_features, linear.out_features, spec.bits, spec.group_for(linear.in_features),
                      spec.symmetric, linear.bias is not None, weight.dtype, weight.device)
         block = max(1, QUANTIZE_BLOCK_ELEMENTS // linear.in_features)
         with torch.no_grad():
-            for start in range(0, linear.out_features, block):
-                module.set_rows(start, quantize_weight(weight[start : start + block], spec))
+            if quantized is not None:
+                module.set_rows(0, quantized)
+            else:
+                for start in range(0, linear.out_features, block):
+                    module.set_rows(start, quantize_weight(weight[start : start + block], spec))
             if linear.bias is not None:
                 module.bias.copy_(linear.bias)
+        module.check()
         return module
 
     def set_rows(self, start: int, quantized) -> None:
@@ -149,7 +157,16 @@ def quantize(model: nn.Module, bits: int | str | QuantSpec = 8, group_size: int 
     embedding's weight) is quantized as a copy: the embedding stays float. A group that was
     fused is fused again, quantized (quantize/fusion.py: one kernel call for q/k/v, gate/up)."""
     spec = _spec(bits, group_size, symmetric, components)
-    names = checked_linear_names(model, spec)
+    replace_linears(model, checked_linear_names(model, spec),
+                    lambda name, linear: QuantizedLinear.from_linear(linear, spec.for_layer(name)))
+    model.quantization = spec
+    return model
+
+
+def replace_linears(model: nn.Module, names: list[str], make: Callable[[str, nn.Linear], QuantizedLinear]) -> None:
+    """Replace each linear of `names` by `make(name, linear)`, in order (each weight dropped as
+    soon as its layer is replaced); a fused float group losing a member is unfused, and fused
+    again, quantized, once all are replaced (quantize/fusion.py)."""
     from ..backends import fusion  # noqa: PLC0415
     from .fusion import fuse_group  # noqa: PLC0415  (it imports this module)
 
@@ -161,15 +178,12 @@ def quantize(model: nn.Module, bits: int | str | QuantSpec = 8, group_size: int 
         if linear.weight.requires_grad:
             raise QuantizationError(f"{name}.weight requires grad: quantize a model for inference "
                                     "(weight-only quantized layers are not trained)")
-        setattr(parent, attribute, QuantizedLinear.from_linear(linear, spec.for_layer(name)))
-        group = fusion.fused_group(parent)
-        if group is not None:
+        setattr(parent, attribute, make(name, linear))
+        if fusion.fused_group(parent) is not None:
             parent.__dict__.pop(fusion.FUSIBLE[type(parent)][0], None)
             refuse.append(parent)
     for parent in refuse:
         fuse_group(parent, "copy")
-    model.quantization = spec
-    return model
 
 
 def _spec(bits, group_size, symmetric, components) -> QuantSpec:

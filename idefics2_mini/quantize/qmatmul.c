@@ -657,6 +657,12 @@ static int qmm_int4_vnni(const float *x, int64_t M, int64_t K, int64_t G, const 
 #ifndef AVX2_PREFETCH
 #define AVX2_PREFETCH 1024 /* software prefetch distance in bytes of weights (0: none) */
 #endif
+#ifndef AVX2_PREFETCH4
+#define AVX2_PREFETCH4 AVX2_PREFETCH /* int4's distance */
+#endif
+#ifndef AVX2_PREFETCH4_HINT
+#define AVX2_PREFETCH4_HINT _MM_HINT_T0
+#endif
 
 static inline int32_t hsum8_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -810,7 +816,7 @@ static void avx2_4_rows_##MM(const int16_t *x16, const float *sx, const float *x
                 __m256i t[MM];                                                                   \
                 for (int m = 0; m < MM; m++) t[m] = _mm256_setzero_si256();                      \
                 for (int64_t j = 0; j < half; j += 16) {                                         \
-                    if (AVX2_PREFETCH) _mm_prefetch((const char *)(bytes + j + AVX2_PREFETCH), _MM_HINT_T0); \
+                    if (AVX2_PREFETCH4) _mm_prefetch((const char *)(bytes + j + AVX2_PREFETCH4), AVX2_PREFETCH4_HINT); \
                     const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const void *)(bytes + j))); \
                     const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_srli_epi16(b, 4);   \
                     for (int m = 0; m < MM; m++) {                                               \
