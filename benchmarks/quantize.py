@@ -59,12 +59,13 @@ Parts (each variant in its own fresh process, page cache warm):
             times steps/s, against this machine's measured read bandwidth (torch.sum, common.py).
             Every variant runs --rounds times (default 2), interleaved, and its fastest round is
             reported (this VM's read bandwidth moves by +-30% from minute to minute).
-            Variants: ours fp32 (mapped), ours bf16, ours int8 and int4 (g64, g32) quantized while
-            loading the fp32 files, int8/int4 loaded from quantized checkpoints, the reference fp32.
+            Variants: ours fp32 (mapped), ours bf16, ours int8 and int4 g64 (its lm_head int8, the
+            default, and int4) quantized while loading the fp32 files, int8 / int4 g64 / int4 g32
+            loaded from quantized checkpoints, the reference fp32.
   accuracy  the quantized models against ours fp32, same inputs: each quantized linear's output error
             on its own input (relative Frobenius), teacher-forced top-1 agreement and mean NLL on a
             ~200-token text, and greedy continuations (24 tokens) of 16 held prompts; a control (fp32
-            with Gaussian noise as large as int8's per-layer error). This random network is far more
+            with Gaussian noise giving each layer int8's output error, and int4's). This random network is far more
             sensitive than a trained LM (int8 KL ~0.1 nats/token here, ~0.001 for trained 7B LMs), so its
             greedy figures say more about the network than about the quantizer: hence
   trained   the same measurements (accuracy_against_fp32) on two small LMs trained from random init on
@@ -559,8 +560,8 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
     of y - x W_fp32^T), the weight error ||W_deq - W|| / ||W||, what uniform rounding predicts
     for it (sqrt(sum_groups s^2 G / 12) / ||W||: every weight off by U(-s/2, s/2)), and the
     kernel's decode-sized output (the first <= 8 rows through QuantizedLinear.forward) against
-    x W_deq^T. `control`: the fp32 model with Gaussian noise as large as int8's output error,
-    and again as large as int4 g64's (CONTROLS)."""
+    x W_deq^T. `control`: the fp32 model with Gaussian noise giving each layer the output error
+    a CONTROLS variant has on layers of its kind, once per such variant."""
     import idefics2_mini as im  # noqa: PLC0415
     from idefics2_mini.backends import fusion  # noqa: PLC0415
     from idefics2_mini.quantize import QuantizedLinear, quantize_gptq, quantized_linear_names  # noqa: PLC0415
@@ -685,23 +686,44 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
     for matched in CONTROLS if control else ():
         if matched not in results["variants"]:
             continue
-        # Control: the fp32 model with Gaussian noise in the same linears, as large (relative
-        # Frobenius norm, per weight) as the variant's mean output error on layers of that kind
-        # (an int4 model's int8 lm_head gets int8-sized noise). If it moves top-1 and greedy as
-        # much as that variant does, that is the network's sensitivity to any perturbation of
-        # that size, not a flaw of the quantizer.
+        # Control: the fp32 model with Gaussian noise in the same linears, its size set per layer
+        # so that the layer's output error on this text, ||x E^T|| / ||x W^T|| (x: the layer's
+        # inputs in the fp32 model), equals the variant's mean output error on layers of that
+        # kind (an int4 model's int8 lm_head gets int8-sized noise). Sized by the output, not by
+        # ||E|| / ||W||: trained weights line up with their inputs, so noise of a given weight
+        # norm moves the output less than the same norm of structured error would. If the
+        # control moves top-1 and greedy as much as the variant does, that is the network's
+        # sensitivity to any perturbation of that size; if less, the quantizer's error is worse
+        # placed than random noise.
         by_kind = results["variants"][matched]["layer_error"]
         label = f"fp32 + noise ({matched}'s layer errors, mean {100 * statistics.mean(by_kind.values()):.2f}%)"
         log(f"  {label}:")
         model = im.Idefics2.from_pretrained(path, mmap=False)
+        for module, method_name in fusion.fusible_modules(model):
+            module.__dict__.pop(method_name, None)  # each linear its own call, so its hook sees it
         generator = torch.Generator().manual_seed(1)
+        noises, sums, hooks = {}, {}, []
+        for layer_name in quantized_linear_names(model, next(spec for n, spec, _ in specs if n == matched)):
+            if kind_of(layer_name) not in by_kind:  # a layer the text never ran (the connector)
+                continue
+            layer = model.get_submodule(layer_name)
+            noises[layer_name] = torch.randn(layer.weight.shape, generator=generator)
+            sums[layer_name] = [0.0, 0.0]  # ||x E^T||^2, ||x W^T||^2
+
+            def measure(module, inputs, output, layer_name=layer_name):
+                x = inputs[0].float()
+                sums[layer_name][0] += x.matmul(noises[layer_name].T).square().sum().item()
+                sums[layer_name][1] += torch.nn.functional.linear(x, module.weight.float()).square().sum().item()
+
+            hooks.append(layer.register_forward_hook(measure))
         with torch.no_grad():
-            for layer_name in quantized_linear_names(model, next(spec for n, spec, _ in specs if n == matched)):
-                weight = model.get_submodule(layer_name).weight  # in place: fused groups hold views of it
-                noise = torch.randn(weight.shape, generator=generator)
-                rel = by_kind.get(kind_of(layer_name))  # None: a layer the text never ran (the connector)
-                if rel is not None:
-                    weight.add_(noise * (rel * weight.norm() / noise.norm()))
+            model(text_ids)
+            for hook in hooks:
+                hook.remove()
+            for layer_name, noise in noises.items():
+                moved, exact = sums[layer_name]
+                target = by_kind[kind_of(layer_name)]
+                model.get_submodule(layer_name).weight.add_(noise * (target * math.sqrt(exact / moved)))
             logits = model(text_ids).float()
         results["variants"][label] = dict(spec=None, **compare(model, logits), layer_error=dict(by_kind))
         del model
@@ -855,8 +877,8 @@ def accuracy_lines(accuracy: dict, network: str) -> list[str]:
                      f"{100 * v['greedy_tokens_agreeing']:.0f}% |")
     if any(not v.get("spec") for v in accuracy["variants"].values()):
         lines += ["", "The `fp32 + noise` rows are controls: the fp32 model with Gaussian noise added to the same "
-                  "linears' weights, as large (relative Frobenius norm) as the named variant's mean output error on layers "
-                  "of that kind (the mean over kinds in the name). "
+                  "linears' weights, sized per layer so that its output error on this text equals the named variant's mean "
+                  "output error on layers of that kind (the mean over kinds in the name). "
                   "Where one moves top-1 and greedy as much as its variant, the changes are "
                   f"{network}'s sensitivity to any perturbation of that size, not the quantizer's doing."]
     bins = next((v["top1_agreement_by_confidence"] for v in accuracy["variants"].values()

@@ -26,9 +26,11 @@ nearest, and named in `model.quantization_info` (written into the checkpoint's q
 block). Needs the float model in memory (the 8B in bf16: ~17 GB) and a calibration pass per few
 layers: an offline step, unlike quantizing while loading.
 
-Measured on the two small trained LMs of benchmarks/quantize.py (part `trained`; 64 windows of
-their training text as calibration): int4 g64's teacher-forced top-1 agreement with fp32 and
-its greedy continuations identical to fp32's go up from round-to-nearest's (the README's table).
+Measured on the two small trained LMs of benchmarks/quantize.py (part `trained`; calibration: 64
+windows of 128 tokens of their training text; judged on held-out text): int4 g64's output error
+per layer ~2-3% -> ~0.3-1%, teacher-forced top-1 agreement with fp32 98.2% -> 99.4% (docstrings)
+and 97.9% -> 99.1% (source), greedy continuations of 32 tokens identical to fp32's 11 -> 19 and
+7 -> 20 of 24 prompts; ~3 s for their 29 linears on 2 CPU cores.
 """
 
 from __future__ import annotations
