@@ -57,13 +57,13 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, da
     if k % group:
         raise QuantizationError(f"group size {group} does not divide the linear's {k} input columns")
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
+    h = hessian.detach().float().to(w.device, copy=True)
     dead = torch.diagonal(h) == 0  # inputs that were always 0: their weights do not matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     u = _inverse_cholesky(h, damp)
-    q = torch.empty(rows, k, dtype=torch.int8)
-    scales = torch.empty(rows, k // group, dtype=spec.scale_dtype())
+    q = torch.empty(rows, k, dtype=torch.int8, device=w.device)
+    scales = torch.empty(rows, k // group, dtype=spec.scale_dtype(), device=w.device)
     zeros = None if spec.symmetric else torch.empty_like(scales)
     block = max(BLOCK_COLUMNS // group, 1) * group if group <= BLOCK_COLUMNS else BLOCK_COLUMNS
     for start in range(0, k, block):
@@ -92,7 +92,7 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, da
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """The upper Cholesky factor of (H + damp mean(diag H) I)^-1, damped more if H is not
     positive definite in fp32 (few calibration tokens, correlated inputs)."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean = torch.diagonal(h).mean()
     for attempt in range(6):
         lower, info = torch.linalg.cholesky_ex(h + damp * 10**attempt * mean * eye)
