@@ -126,6 +126,7 @@ def test_quantize_gptq_in_chunks_fuses_and_saves(checkpoint, prompts, calibratio
                           max_hessian_bytes=1, log=lines.append)
     text_modules = 2 * 2  # attention and MLP of 2 layers, one chunk each (and the rest)
     assert sum(line.startswith("gptq: ") and "linears" in line for line in lines) >= text_modules + 1
+    assert "gptq: warning: 144 calibration tokens for inputs up to 512 wide" in lines[0]  # 6 x 24 < 4 x 512
     info = model.quantization_info
     assert info["method"] == "gptq" and info["calibration_tokens"] == calibration.numel()
     assert info["rounded_to_nearest"] and all(name.startswith("connector.") for name in info["rounded_to_nearest"])
