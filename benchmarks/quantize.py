@@ -262,16 +262,20 @@ def quantized_checkpoint(source: Path, method: str, group: int | None) -> Path:
     return out
 
 
-def parse_variant(code: str):
-    """"int8", "int4:32" (groups of 32), "int4:64:head4" (the lm_head int4 too) -> a QuantSpec (None for "")."""
+def parse_variant(code: str, **options) -> tuple:
+    """"8" / "int8", "4:32" (groups of 32), "4:64:sym", "4:64:head4" (the lm_head int4 too),
+    "4:64:gptq" (integers chosen by GPTQ) -> (QuantSpec, "rtn" | "gptq"); "" -> (None, "rtn").
+    `options`: more QuantSpec fields (components)."""
     from idefics2_mini.quantize import QuantSpec  # noqa: PLC0415
 
     if not code:
-        return None
+        return None, "rtn"
     method, _, rest = code.partition(":")
-    group, _, head = rest.partition(":")
-    return QuantSpec.parse(method, int(group) if group else None,
-                           lm_head_bits=int(head.removeprefix("head")) if head else None)
+    group, _, option = rest.partition(":")
+    spec = QuantSpec.parse(method, int(group) if group else None, symmetric=True if option == "sym" else None,
+                           lm_head_bits=int(option.removeprefix("head")) if option.startswith("head") else None,
+                           **options)
+    return spec, "gptq" if option == "gptq" else "rtn"
 
 
 def warm(path: Path) -> None:
@@ -352,7 +356,7 @@ def child(spec: dict) -> dict:
     else:
         from idefics2_mini.quantize import QuantSpec  # noqa: PLC0415
 
-        quantize = parse_variant(spec.get("quantize") or "")
+        quantize, _ = parse_variant(spec.get("quantize") or "")
         model = im.Idefics2.from_pretrained(spec["checkpoint"], dtype=getattr(torch, spec["dtype"]), quantize=quantize)
 
         def generate(batch, new, stamps=None):
@@ -645,10 +649,9 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
             log(f"    GPTQ on {calibration.shape[0]} x {calibration.shape[1]} tokens: {gptq_s:.1f} s")
         else:
             model = im.Idefics2.from_pretrained(path, quantize=spec)
-        for module, method_name in fusion.fusible_modules(model):
-            # q/k/v and gate/up one by one, so each layer's hook sees its call (the fused call
-            # gives bit-equal outputs: tests/test_quantize.py)
-            module.__dict__.pop(method_name, None)
+        # q/k/v and gate/up one by one, so each layer's hook sees its call (the fused call gives
+        # bit-equal outputs: tests/test_quantize.py)
+        fusion.unfuse_projections(model)
         errors: dict[str, list[float]] = {}
         weight_errors: dict[str, list[tuple[float, float]]] = {}
         kernel_errors: list[float] = []
@@ -704,8 +707,7 @@ def accuracy_against_fp32(path: Path, text_ids: torch.Tensor, held: dict, new: i
         label = f"fp32 + noise ({matched}'s layer errors, mean {100 * statistics.mean(by_kind.values()):.2f}%)"
         log(f"  {label}:")
         model = im.Idefics2.from_pretrained(path, mmap=False)
-        for module, method_name in fusion.fusible_modules(model):
-            module.__dict__.pop(method_name, None)  # each linear its own call, so its hook sees it
+        fusion.unfuse_projections(model)  # each linear its own call, so its hook sees it
         generator = torch.Generator().manual_seed(1)
         noises, sums, hooks = {}, {}, []
         for layer_name in quantized_linear_names(model, next(spec for n, spec, _ in specs if n == matched)):
@@ -745,18 +747,9 @@ ACCURACY_SPECS = [("int8", "8"), ("int4 g128", "4:128"), ("int4 g64", "4:64"), (
 
 
 def specs_of(names, components: tuple[str, ...] | None = None) -> list:
-    from idefics2_mini.quantize import QuantSpec  # noqa: PLC0415
-
+    """[(name, QuantSpec, method)] of the ACCURACY_SPECS called `names`."""
     options = {} if components is None else {"components": components}
-    out = []
-    for name, code in ACCURACY_SPECS:
-        if name in names:
-            bits, _, rest = code.partition(":")
-            group, _, option = rest.partition(":")
-            out.append((name, QuantSpec(int(bits), int(group) if group else None, symmetric=True if option == "sym" else None,
-                                        lm_head_bits=int(option[4:]) if option.startswith("head") else None, **options),
-                        "gptq" if option == "gptq" else "rtn"))
-    return out
+    return [(name, *parse_variant(code, **options)) for name, code in ACCURACY_SPECS if name in names]
 
 
 def run_accuracy(path: Path, quick: bool) -> dict:

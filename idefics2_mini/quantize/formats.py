@@ -18,7 +18,8 @@ The lm_head of an int4 model is int8 by default (`lm_head_bits`), as GPTQ/AWQ to
 llama.cpp's Q4_K_M keep the output layer finer: its error lands on the logits with nothing after
 it to average it out. On the two trained LMs of benchmarks/quantize.py (part `trained`) int4
 g64's top-1 agreement with fp32 is 95.0% / 95.2% with an int4 lm_head and 98.2% / 97.9% with an
-int8 one. For the 8B it costs 57 MB more (131 MB instead of 74) on the ~4 GB a decode step reads. `lm_head_bits=4` quantizes it like the rest (gpt-fast's choice).
+int8 one. For the 8B it costs 57 MB more (131 MB instead of 74) on the ~4 GB a decode step
+reads. `lm_head_bits=4` quantizes it like the rest (gpt-fast's choice).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .formats import QuantizationError, QuantizedWeight, QuantSpec, group_grid, pack_int4, round_to_grid
-from .linear import QuantizedLinear, _spec, checked_linear_names, replace_linears
+from .linear import QuantizedLinear, _spec, checked_linear_names, replace_linears, unfuse_float_group
 
 BLOCK_COLUMNS = 128  # columns updated together before the lazy update of the rest (the paper's B)
 DAMP = 0.01  # added to H's diagonal, times its mean: keeps H invertible (dead inputs, few tokens)
@@ -170,17 +170,12 @@ def quantize_gptq(model: nn.Module, bits: int | str | QuantSpec = 4, calibration
         log(f"gptq: warning: {calibration.numel():,} calibration tokens for inputs up to {widest:,} wide (fewer "
             f"than {CALIBRATION_TOKENS_PER_INPUT}x): H is poorly sampled, and GPTQ may fit the calibration text "
             "rather than the model's inputs; give more text")
-    from ..backends import fusion  # noqa: PLC0415
     from .fusion import fuse_group  # noqa: PLC0415
 
     # a fused float group runs q/k/v (gate/up) as one matmul, past the members' hooks: unfused for
     # the passes, fused again, quantized, at the end
-    unfused = []
-    for name in names:
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if fusion.fused_group(parent) is not None:
-            parent.__dict__.pop(fusion.FUSIBLE[type(parent)][0], None)
-            unfused.append(parent)
+    parents = [model.get_submodule(name.rpartition(".")[0]) if "." in name else model for name in names]
+    unfused = [parent for parent in parents if unfuse_float_group(parent)]
     was_training = model.training
     model.eval()
     start, done, rounded = time.perf_counter(), 0, []

@@ -167,7 +167,6 @@ def replace_linears(model: nn.Module, names: list[str], make: Callable[[str, nn.
     """Replace each linear of `names` by `make(name, linear)`, in order (each weight dropped as
     soon as its layer is replaced); a fused float group losing a member is unfused, and fused
     again, quantized, once all are replaced (quantize/fusion.py)."""
-    from ..backends import fusion  # noqa: PLC0415
     from .fusion import fuse_group  # noqa: PLC0415  (it imports this module)
 
     refuse = []  # modules whose float projections were fused: fused again once quantized
@@ -179,11 +178,20 @@ def replace_linears(model: nn.Module, names: list[str], make: Callable[[str, nn.
             raise QuantizationError(f"{name}.weight requires grad: quantize a model for inference "
                                     "(weight-only quantized layers are not trained)")
         setattr(parent, attribute, make(name, linear))
-        if fusion.fused_group(parent) is not None:
-            parent.__dict__.pop(fusion.FUSIBLE[type(parent)][0], None)
+        if unfuse_float_group(parent):
             refuse.append(parent)
     for parent in refuse:
         fuse_group(parent, "copy")
+
+
+def unfuse_float_group(module: nn.Module) -> bool:
+    """Drop `module`'s fused float projections (backends/fusion.py), if it has them; whether it did."""
+    from ..backends import fusion  # noqa: PLC0415
+
+    if fusion.fused_group(module) is None:
+        return False
+    module.__dict__.pop(fusion.FUSIBLE[type(module)][0], None)
+    return True
 
 
 def _spec(bits, group_size, symmetric, components) -> QuantSpec:
